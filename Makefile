@@ -1,0 +1,34 @@
+# Two entry points: `make book` and `make test`. Both create the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?=
+export REGCLS_PROFILE := $(PROFILE)
+
+.PHONY: book test venv clean bench
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[book,test]"
+	touch $@
+
+# The execution cache is kept per profile, so a smoke build never shows up in a paper build.
+book: venv
+	@prof=$$($(PY) -c "from regcls.profiles import active_profile; print(active_profile(verbose=False).name)"); \
+	echo "building the book on the $$prof profile"; \
+	mkdir -p _build; \
+	if [ -f _build/.profile ] && [ "$$(cat _build/.profile)" != "$$prof" ]; then rm -rf _build/.jupyter_cache _build/html _build/jupyter_execute; fi; \
+	echo $$prof > _build/.profile; \
+	REGCLS_PROFILE=$$prof $(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
+
+test: venv
+	HF_HUB_OFFLINE=1 REGCLS_PROFILE=smoke $(PY) -m pytest --nbmake tests chapters
+
+bench: venv
+	$(PY) -m regcls.bench
+
+clean:
+	rm -rf _build

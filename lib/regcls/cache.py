@@ -1,0 +1,67 @@
+"""Content-keyed cache of traces: a trace is computed once for everything that changes it (model, weights,
+images, resolution, precision, schema) and read back afterwards. Interrupted traces resume."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .profiles import ModelSpec, Profile
+
+PLANT_VERSION = 1  # bump when planted weights change
+
+
+def cache_dir() -> Path:
+    """``REGCLS_CACHE`` or ``~/.cache/regcls``."""
+    return Path(os.environ.get("REGCLS_CACHE", Path.home() / ".cache" / "regcls"))
+
+
+def content_key(parts: dict) -> str:
+    """A short hash of a JSON-serialisable description."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
+              checkpoint: str | Path | None = None, batch_size: int = 16, device: str = "cpu",
+              amp: bool = False, progress: bool = True) -> dict:
+    """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives."""
+    from .data import dataset_files, eval_config, image_store
+    from .models import build, weights_id
+    from .trace import TRACE_SCHEMA, load_trace, run_trace, trace_meta
+
+    files, ids, labels = dataset_files(dataset, limit)
+    wid = weights_id(spec, checkpoint)
+    desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
+            "img_size": img_size, "amp": amp, "schema": TRACE_SCHEMA,
+            "plant": PLANT_VERSION if spec.weights.startswith("planted") else None}
+    path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{content_key(desc)}.npz"
+    if path.is_file():
+        return load_trace(path)
+    model = build(spec, img_size, checkpoint)
+    geometry, mean, std = eval_config(model, img_size)
+    store = image_store(files, ids, geometry, cache=cache_dir() / "stores" / dataset, progress=progress)
+    meta = trace_meta(model, model=spec.name, weights=wid, dataset=dataset, img_size=img_size,
+                      n_images=len(store), skipped=len(store.skipped), amp=amp, model_spec=spec.describe(),
+                      mean=list(mean), std=list(std), geometry=geometry.key())
+    extra = None
+    if labels is not None:
+        keep = {i: k for k, i in enumerate(ids)}
+        extra = {"labels": labels[[keep[i] for i in store.ids]]}
+    run_trace(model, store.normalized(mean, std), store.ids, out=path, meta=meta, extra=extra,
+              batch_size=batch_size, device=device, amp=amp, progress=progress)
+    return load_trace(path)
+
+
+def profile_traces(profile: Profile, registers: bool, dataset: str | None = None, img_size: int | None = None,
+                   progress: bool = True) -> dict[str, dict]:
+    """Traces of every model of ``profile`` with (or without) registers, keyed by size ("S", ... "g").
+
+    ``dataset`` defaults to the profile's unlabelled set and ``img_size`` to the profile's resolution.
+    """
+    dataset = dataset or profile.dataset
+    limit = profile.limit if dataset == profile.dataset else profile.labelled_limit
+    return {m.size: get_trace(m, dataset, img_size=img_size or profile.img_size, limit=limit,
+                              batch_size=profile.batch_size, device=profile.device,
+                              amp=profile.device == "cuda", progress=progress)
+            for m in profile.models_with(registers)}

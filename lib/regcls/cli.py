@@ -1,0 +1,150 @@
+"""Command line: ``regcls trace``, ``regcls data download|list``, ``regcls plan`` (also ``python -m regcls``)."""
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import RegclsError
+
+
+def _parse_set(items: list[str]) -> dict:
+    """``["depth=2", "embed_dim=48"]`` -> ``{"depth": 2, "embed_dim": 48}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RegclsError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .data import dataset_files, eval_config, image_store, list_images
+    from .models import build, weights_id
+    from .profiles import ModelSpec
+    from .trace import run_trace, trace_meta
+
+    if (args.images is None) == (args.dataset is None):
+        raise RegclsError("give exactly one of --images DIR and --dataset NAME")
+    name = args.model
+    arch, _, tag = name.partition(".")
+    weights = "hub" if args.checkpoint is None and not args.random else f"random:{args.seed}"
+    spec = ModelSpec(size="-", arch=arch, tag=tag or None, weights=weights,
+                     overrides=tuple(sorted(_parse_set(args.set).items())))
+    if args.images is not None:
+        files = list_images(args.images)
+        if args.limit:
+            files = files[: args.limit]
+        folder = Path(args.images)
+        ids, labels, source = [f.relative_to(folder).as_posix() for f in files], None, str(folder)
+    else:
+        files, ids, labels = dataset_files(args.dataset, args.limit)
+        source = args.dataset
+    model = build(spec, args.img_size, args.checkpoint)
+    geometry, mean, std = eval_config(model, args.img_size)
+    store = image_store(files, ids, geometry, progress=not args.quiet)
+    if args.strict and store.skipped:
+        raise RegclsError(f"{len(store.skipped)} unreadable files (--strict): "
+                          + ", ".join(Path(f).name for f, _ in store.skipped[:5]))
+    meta = trace_meta(model, model=spec.name, weights=weights_id(spec, args.checkpoint), dataset=source,
+                      img_size=args.img_size, n_images=len(store), skipped=len(store.skipped), amp=args.amp,
+                      model_spec=spec.describe(), mean=list(mean), std=list(std), geometry=geometry.key())
+    extra = None
+    if labels is not None:
+        pos = {i: k for k, i in enumerate(ids)}
+        extra = {"labels": labels[[pos[i] for i in store.ids]]}
+    out = run_trace(model, store.normalized(mean, std), store.ids, out=args.out, meta=meta, extra=extra,
+                    batch_size=args.batch_size, device=args.device, amp=args.amp, progress=not args.quiet)
+    skipped = f", skipped {len(store.skipped)} unreadable files" if store.skipped else ""
+    print(f"wrote {out}: {len(store)} images{skipped}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import DATASETS, SHIPPED, data_root
+    from .download import download
+
+    if args.action == "list":
+        for name, text in SHIPPED.items():
+            print(f"{name:14s} shipped     {text}")
+        for s in DATASETS.values():
+            print(f"{s.name:14s} {s.size / 1e9:5.2f} GB  {s.description}\n{'':14s} {s.url}  {s.checksum}")
+        print(f"data root: {data_root()}  (REGCLS_DATA)")
+        return 0
+    for name in args.names:
+        print(f"{name}: {download(name, progress=not args.quiet)}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a profile would download and compute, without doing it."""
+    from .data import DATASETS, SHIPPED
+    from .profiles import active_profile
+
+    prof = active_profile(args.profile, verbose=False)
+    print(f"profile {prof.name}: {prof.note}; {prof.img_size} px, batch {prof.batch_size}, {prof.device}")
+    for m in prof.models:
+        src = f"hub: hf-hub:timm/{m.name}" if m.weights == "hub" else m.weights
+        print(f"  model {m.label:6s} {m.name:45s} {src}")
+    for ds, limit in ((prof.dataset, prof.limit), (prof.labelled, prof.labelled_limit)):
+        if ds in DATASETS:
+            s = DATASETS[ds]
+            print(f"  data  {ds:14s} {s.size / 1e9:.2f} GB from {s.url} ({s.checksum}); images: {limit or 'all'}")
+        else:
+            print(f"  data  {ds:14s} {SHIPPED[ds]}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="regcls", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("trace", help="one forward pass over images -> trace file (.npz)")
+    t.add_argument("--model", required=True, help="timm ViT name, e.g. vit_giant_patch14_reg4_dinov2.lvd142m")
+    t.add_argument("--checkpoint", help="local weights (timm or official DINOv2 format); else hub weights")
+    t.add_argument("--random", action="store_true", help="random weights (seeded by --seed), for testing")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture override for timm.create_model (e.g. depth=2), repeatable")
+    t.add_argument("--images", help="folder of images (sorted file-name order)")
+    t.add_argument("--dataset", help="dataset name (regcls data list)")
+    t.add_argument("--limit", type=int, help="first N images")
+    t.add_argument("--img-size", type=int, default=224)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    t.add_argument("--strict", action="store_true", help="any unreadable image is an error")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--out", required=True, help="trace file to write (.npz)")
+    t.set_defaults(func=cmd_trace)
+    d = sub.add_parser("data", help="datasets: list, download")
+    d.add_argument("action", choices=["download", "list"])
+    d.add_argument("names", nargs="*")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_data)
+    pl = sub.add_parser("plan", help="what a profile would download and compute (a dry run)")
+    pl.add_argument("--profile", help="smoke, laptop or paper (default: REGCLS_PROFILE or detected)")
+    pl.set_defaults(func=cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    warnings.filterwarnings("default", message="skipped ")
+    try:
+        return args.func(args)
+    except RegclsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished batches are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Images: sources (a folder, COCO val2017, ImageNetV2, images shipped with installed packages), the
+download of datasets, the eval transform, and the image store that every model reuses.
+
+The store holds each dataset decoded, resized and centre-cropped once per geometry (resolution, crop,
+interpolation) as uint8 ``(n, 3, S, S)``; a model only normalises it with its own mean and std.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import RegclsError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A downloadable dataset: where it comes from, how big it is, how to check it, where it unpacks."""
+
+    name: str
+    url: str
+    filename: str
+    size: int                # bytes of the archive
+    checksum: str            # "md5:..." or "sha256:..."
+    folder: str              # the folder the archive unpacks to, under the data root
+    labelled: bool           # class sub-folders
+    description: str
+
+
+DATASETS = {
+    "coco-val2017": DatasetSource(
+        name="coco-val2017", url="http://images.cocodataset.org/zips/val2017.zip", filename="val2017.zip",
+        size=815_585_330, checksum="md5:442b8da7639aecaf257c1dceb8ba8c80", folder="val2017", labelled=False,
+        description="MS COCO 2017 validation images (5,000), the paper's image set"),
+    "imagenetv2": DatasetSource(
+        name="imagenetv2",
+        url="https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz",
+        filename="imagenetv2-matched-frequency.tar.gz", size=1_264_079_360,
+        checksum="sha256:f0c37fdf925916b19ea1323cd9a2208cdb6959ba2c32eef2a7fc393835c9ca7c",
+        folder="imagenetv2-matched-frequency-format-val", labelled=True,
+        description="ImageNetV2 matched-frequency (10 images for each of the 1,000 ImageNet classes, no login)"),
+}
+SHIPPED = {
+    "samples": "25 photos and scans that ship with scikit-image, scikit-learn and matplotlib, and 4 random crops of each (125, unlabelled)",
+    "samples-crops": "random crops of 8 shipped photos, one class per photo (labelled, generated, seed 0)",
+}
+
+
+def data_root() -> Path:
+    """Where datasets live: ``REGCLS_DATA`` or ``~/.cache/regcls/data``."""
+    return Path(os.environ.get("REGCLS_DATA", Path.home() / ".cache" / "regcls" / "data"))
+
+
+# --------------------------------------------------------------------------------- listing
+
+def list_images(folder: str | Path, labelled: bool = False) -> list[Path]:
+    """Image files of a folder in sorted name order; with ``labelled``, inside its class sub-folders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RegclsError(f"image folder {folder} does not exist")
+    pattern = "*/*" if labelled else "*"
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                   and not p.name.startswith("."))
+    if not files:
+        raise RegclsError(f"no image files ({', '.join(IMAGE_EXTS)}) in {folder}")
+    return files
+
+
+def dataset_folder(name: str) -> Path:
+    """The unpacked folder of a dataset; shipped ones are generated on first use."""
+    if name in SHIPPED:
+        return make_shipped(name)
+    if name not in DATASETS:
+        raise RegclsError(f"unknown dataset {name!r}; known: {', '.join([*SHIPPED, *DATASETS])}")
+    folder = data_root() / DATASETS[name].folder
+    if not folder.is_dir():
+        raise RegclsError(f"dataset {name} is not downloaded (looked in {folder}); run: "
+                          f"regcls data download {name}   (or set REGCLS_DATA to where it is)")
+    return folder
+
+
+def is_labelled(name: str) -> bool:
+    return name == "samples-crops" or (name in DATASETS and DATASETS[name].labelled)
+
+
+def dataset_files(name: str, limit: int | None = None) -> tuple[list[Path], list[str], np.ndarray | None]:
+    """Files, ids (paths relative to the dataset folder) and integer labels (or None) of a dataset.
+
+    ``limit`` keeps the first ``limit`` files in sorted order (for labelled sets: the first
+    ``ceil(limit / classes)`` files of every class, so every class stays).
+    """
+    folder = dataset_folder(name)
+    labelled = is_labelled(name)
+    files = list_images(folder, labelled=labelled)
+    labels = None
+    if labelled:
+        classes = sorted({f.parent.name for f in files}, key=lambda c: (len(c), c))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[f.parent.name] for f in files])
+        if limit is not None and limit < len(files):
+            per = -(-limit // len(classes))
+            keep = np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(len(classes))])
+            keep.sort()
+            files, labels = [files[i] for i in keep], labels[keep]
+    elif limit is not None:
+        files = files[:limit]
+    ids = [f.relative_to(folder).as_posix() for f in files]
+    return files, ids, labels
+
+
+# ----------------------------------------------------------------------------- shipped images
+
+def _shipped_arrays() -> dict[str, np.ndarray]:
+    import matplotlib
+    import skimage.data as skd
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    names = ["astronaut", "camera", "chelsea", "coffee", "coins", "moon", "page", "rocket", "text", "clock",
+             "immunohistochemistry", "hubble_deep_field", "colorwheel", "logo", "grass", "gravel", "brick",
+             "retina", "checkerboard", "horse"]
+    out = {f"skimage_{n}": np.asarray(getattr(skd, n)()) for n in names}
+    for fname, im in zip(load_sample_images().filenames, load_sample_images().images):
+        out[f"sklearn_{Path(fname).stem}"] = im
+    sample = Path(matplotlib.get_data_path()) / "sample_data"
+    for fname in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"):
+        with Image.open(sample / fname) as im:
+            out[f"matplotlib_{Path(fname).stem}"] = np.asarray(im)
+    return out
+
+
+SMOKE_CLASSES = ("skimage_astronaut", "skimage_chelsea", "skimage_coffee", "skimage_rocket",
+                 "skimage_immunohistochemistry", "skimage_hubble_deep_field", "sklearn_china", "sklearn_flower")
+
+
+def _random_crop(img, rng: np.random.Generator, size: int):
+    """A random square-resized crop (45-85% of each side), flipped half of the time."""
+    from PIL import Image
+
+    w, h = img.size
+    s = rng.uniform(0.45, 0.85)
+    cw, ch = int(w * s), int(h * s)
+    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    crop = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((size, size), Image.BICUBIC)
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
+def make_shipped(name: str, crops_per_class: int = 10, seed: int = 0) -> Path:
+    """Write a shipped dataset to the data root once (PNG files; labelled sets in class folders)."""
+    from PIL import Image
+
+    folder = data_root() / name
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = _shipped_arrays()
+    rng = np.random.default_rng(seed)
+    if name == "samples":  # every photo in its own mode (grayscale, RGBA ...) and 4 random RGB crops of it
+        for key, arr in arrays.items():
+            arr = (arr * 255).astype(np.uint8) if arr.dtype == bool else arr
+            img = Image.fromarray(arr)
+            img.save(folder / f"{key}.png")
+            for i in range(4):
+                _random_crop(img.convert("RGB"), rng, 224).save(folder / f"{key}_crop{i}.png")
+    elif name == "samples-crops":
+        for c, key in enumerate(SMOKE_CLASSES):
+            img = Image.fromarray(arrays[key]).convert("RGB")
+            (folder / f"{c}").mkdir(exist_ok=True)
+            for i in range(crops_per_class):
+                _random_crop(img, rng, 160).save(folder / f"{c}" / f"{key}_{i:02d}.png")
+        (folder / "classes.json").write_text(json.dumps(list(SMOKE_CLASSES)))
+    else:
+        raise RegclsError(f"unknown shipped dataset {name!r}")
+    done.write_text("ok\n")
+    return folder
+
+
+# --------------------------------------------------------------------------------- decoding
+
+def load_rgb(path: str | Path):
+    """Decode an image file as an RGB PIL image (grayscale, RGBA, palette, CMYK and 16-bit converted)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        elif im.mode == "F":
+            arr = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1 else 1.0), 0, 255).astype(np.uint8))
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        return im.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The model-independent part of timm's eval transform: resize, centre crop (no normalisation)."""
+
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    crop_mode: str
+
+    def key(self) -> str:
+        return f"{self.img_size}-{self.crop_pct}-{self.interpolation}-{self.crop_mode}"
+
+    def transform(self):
+        from timm.data import create_transform
+
+        t = create_transform(input_size=(3, self.img_size, self.img_size), crop_pct=self.crop_pct,
+                             interpolation=self.interpolation, crop_mode=self.crop_mode, is_training=False)
+        *geometric, to_tensor, normalize = t.transforms
+        if type(to_tensor).__name__ not in ("ToTensor", "MaybeToTensor") or type(normalize).__name__ != "Normalize":
+            raise RegclsError(f"unexpected timm eval transform {t}")
+        from torchvision.transforms import Compose
+        return Compose(geometric)
+
+
+def eval_config(model, img_size: int) -> tuple[Geometry, tuple[float, ...], tuple[float, ...]]:
+    """timm's eval preprocessing for ``model`` at ``img_size``: geometry, mean, std."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    geo = Geometry(img_size=img_size, crop_pct=float(cfg["crop_pct"]), interpolation=cfg["interpolation"],
+                   crop_mode=cfg.get("crop_mode", "center"))
+    return geo, tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def _decode_one(args) -> tuple[np.ndarray | None, str | None]:
+    path, geometry = args
+    try:
+        img = geometry.transform()(load_rgb(path))
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), None
+    except Exception as e:  # noqa: BLE001 -- reported by name and counted
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+class ImageStore:
+    """Decoded, resized images as uint8 ``(n, 3, S, S)`` with their ids, and the files skipped.
+
+    ``store.normalized(mean, std)[i:j]`` gives float32 model input (B, 3, S, S).
+    """
+
+    def __init__(self, pixels: np.ndarray, ids: list[str], skipped: list[tuple[str, str]] | None = None):
+        self.pixels, self.ids, self.skipped = pixels, list(ids), list(skipped or [])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def normalized(self, mean, std) -> "Normalized":
+        return Normalized(self.pixels, mean, std)
+
+
+class Normalized:
+    """Slices of a uint8 store as normalised float32 tensors, exactly as ToTensor + Normalize."""
+
+    def __init__(self, pixels: np.ndarray, mean, std):
+        self.pixels = pixels
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.pixels[sl])).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+
+def decode_images(files: list[Path], ids: list[str], geometry: Geometry, workers: int | None = None,
+                  progress: bool = True) -> ImageStore:
+    """Decode and resize files (in worker processes for many files); unreadable files are skipped."""
+    from tqdm.auto import tqdm
+
+    jobs = [(f, geometry) for f in files]
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if workers > 1 and len(files) >= 64:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            results = list(tqdm(ex.map(_decode_one, jobs, chunksize=16), total=len(jobs), unit="img",
+                                desc="decode", disable=not progress))
+    else:
+        results = [_decode_one(j) for j in tqdm(jobs, unit="img", desc="decode", disable=not progress)]
+    good, keep, skipped = [], [], []
+    for (arr, err), f, i in zip(results, files, ids):
+        if arr is None:
+            skipped.append((str(f), err))
+            warnings.warn(f"skipped {f}: {err}", stacklevel=2)
+        else:
+            good.append(arr)
+            keep.append(i)
+    if not good:
+        raise RegclsError(f"no readable image among {len(files)} files")
+    return ImageStore(np.stack(good), keep, skipped)
+
+
+def image_store(files: list[Path], ids: list[str], geometry: Geometry, cache: Path | None = None,
+                progress: bool = True) -> ImageStore:
+    """The store for these files at this geometry, read from ``cache`` when it was built before."""
+    if cache is None:
+        return decode_images(files, ids, geometry, progress=progress)
+    digest = hashlib.sha256(("\n".join(ids) + geometry.key()).encode()).hexdigest()[:16]
+    path = Path(cache) / f"store-{geometry.key()}-{digest}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            skipped = [tuple(s) for s in z["skipped"].tolist()] if z["skipped"].size else []
+            return ImageStore(z["pixels"], [str(i) for i in z["ids"]], skipped)
+    store = decode_images(files, ids, geometry, progress=progress)
+    from .trace import atomic_savez
+    atomic_savez(path, {"pixels": store.pixels, "ids": np.asarray(store.ids),
+                        "skipped": np.asarray(store.skipped, dtype=str).reshape(-1, 2)})
+    return store

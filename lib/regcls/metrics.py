@@ -1,0 +1,125 @@
+"""The measurements: attention shares, knockout outputs, CKA, cosine statistics, bootstrap intervals.
+
+All functions take arrays from a trace (numpy, float32 or float64) and return numpy values.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+PART_INDEX = {"cls": 0, "reg": 1, "patch": 2}
+
+
+def shares(trace: dict, layer: int = -1) -> dict[str, np.ndarray]:
+    """Per-image [CLS] attention share of [CLS], registers and patches at ``layer``, averaged over heads.
+
+    Returns ``{"cls": (n,), "reg": (n,), "patch": (n,)}``; the three add to 1 for each image.
+    """
+    mass = trace["attn_mass"][:, layer].mean(axis=1)  # (n, 3)
+    return {name: mass[:, i] for name, i in PART_INDEX.items()}
+
+
+def knockout(trace: dict, level: str = "out", renormalise: bool = False) -> dict[str, np.ndarray]:
+    """The last block's [CLS] attention output, unaltered and restricted to one token type.
+
+    ``level="out"``: after the output projection and LayerScale (what enters the residual stream; the
+    projection bias is kept in every variant so that they differ only by the knocked-out tokens).
+    ``level="val"``: before the output projection (heads concatenated).
+    ``renormalise``: divide each head's kept attention by its mass, so the kept weights sum to 1 (the paper
+    leaves this open; the default keeps the raw weights, so the parts add up to the full output).
+    Returns ``{"full", "cls", "reg", "patch"}`` each (n, D).
+    """
+    if level not in ("out", "val"):
+        raise ValueError("level is 'out' or 'val'")
+    vals = {p: trace[f"attn_val_{p}"].astype(np.float64) for p in PART_INDEX}
+    if renormalise:
+        n, D = vals["cls"].shape
+        H = trace["attn_mass"].shape[2]
+        mass = trace["attn_mass"][:, -1].astype(np.float64)  # (n, H, 3)
+        for p, i in PART_INDEX.items():
+            m = np.maximum(mass[:, :, i], 1e-12)[:, :, None]
+            vals[p] = (vals[p].reshape(n, H, D // H) / m).reshape(n, D)
+    if level == "val":
+        full = sum(trace[f"attn_val_{p}"].astype(np.float64) for p in PART_INDEX)
+        return {"full": full, **vals}
+    if renormalise:
+        raise ValueError("renormalised parts exist before the projection only; use level='val' (the projection "
+                         "is linear, so CKA after it differs only by the fixed linear map)")
+    bias = trace["attn_out_bias"].astype(np.float64)
+    out = {p: trace[f"attn_out_{p}"].astype(np.float64) + bias for p in PART_INDEX}
+    out["full"] = trace["attn_out_full"].astype(np.float64)
+    return out
+
+
+def cka(X: np.ndarray, Y: np.ndarray, debiased: bool = False) -> float:
+    """Linear CKA (Kornblith et al. 2019) between representations X (n, d1) and Y (n, d2) of n images.
+
+    Mean-centred; ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``. ``debiased`` uses the unbiased HSIC
+    estimator (Song et al. 2012), which removes the upward bias of CKA when n is not much larger than d.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError("X and Y need the same number of rows (images)")
+    if not debiased:
+        X = X - X.mean(0)
+        Y = Y - Y.mean(0)
+        num = np.linalg.norm(Y.T @ X) ** 2
+        den = np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
+        return float(num / den) if den > 0 else float("nan")
+    K, L = X @ X.T, Y @ Y.T
+    hxy, hxx, hyy = _hsic_unbiased(K, L), _hsic_unbiased(K, K), _hsic_unbiased(L, L)
+    return float(hxy / np.sqrt(hxx * hyy)) if hxx > 0 and hyy > 0 else float("nan")
+
+
+def _hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
+    n = K.shape[0]
+    if n < 4:
+        raise ValueError("debiased CKA needs at least 4 images")
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0)
+    np.fill_diagonal(L, 0)
+    one = np.ones(n)
+    t1 = np.trace(K @ L)
+    t2 = (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+    t3 = 2 * (one @ K @ L @ one) / (n - 2)
+    return float((t1 + t2 - t3) / (n * (n - 3)))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of (n, d) arrays (broadcasts)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def mean_pairwise_cosine(X: np.ndarray) -> float:
+    """Mean cosine similarity over all pairs i < j of the rows of X (n, d)."""
+    Z = np.asarray(X, dtype=np.float64)
+    Z = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    G = Z @ Z.T
+    n = len(Z)
+    return float((G.sum() - np.trace(G)) / (n * (n - 1)))
+
+
+def norms(X: np.ndarray) -> np.ndarray:
+    """Row-wise L2 norms (n,)."""
+    return np.linalg.norm(np.asarray(X, dtype=np.float64), axis=-1)
+
+
+def bootstrap_ci(stat: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Statistic and percentile bootstrap interval over images (rows resampled jointly in every array).
+
+    Returns ``(value, low, high)``. Example: ``bootstrap_ci(np.mean, shares)``; ``bootstrap_ci(cka, X, Y)``.
+    """
+    n = len(arrays[0])
+    rng = np.random.default_rng(seed)
+    value = float(stat(*arrays))
+    boots = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        boots[b] = stat(*(a[idx] for a in arrays))
+    lo, hi = np.nanpercentile(boots, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return value, float(lo), float(hi)

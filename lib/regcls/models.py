@@ -1,0 +1,192 @@
+"""Build a timm ViT by name, load its weights (hub, timm checkpoint, official DINOv2 checkpoint, planted),
+and describe its token layout ``[CLS, register_1..R, patch_1..P]``."""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RegclsError
+from .profiles import ModelSpec, hub_reachable
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each token type sits in the sequence, and the model's shape."""
+
+    num_prefix: int     # P = 1 + registers
+    num_registers: int  # R
+    grid: tuple[int, int]
+    depth: int          # L blocks
+    heads: int          # H
+    dim: int            # D
+
+    @property
+    def num_tokens(self) -> int:
+        """N = P + rows * cols."""
+        return self.num_prefix + self.grid[0] * self.grid[1]
+
+
+def layout(model: nn.Module) -> TokenLayout:
+    """Token layout of a (supported) timm VisionTransformer."""
+    attn = model.blocks[-1].attn
+    return TokenLayout(num_prefix=model.num_prefix_tokens, num_registers=model.num_reg_tokens,
+                       grid=tuple(model.patch_embed.grid_size), depth=len(model.blocks),
+                       heads=attn.num_heads, dim=model.embed_dim)
+
+
+def check_supported(model: nn.Module, name: str = "model") -> None:
+    """Refuse, with the reason, anything the trace cannot decompose exactly."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise RegclsError(f"{name} is a {type(model).__name__}, not a timm VisionTransformer; "
+                          "the trace needs a ViT with a [CLS] token (e.g. DINOv2, DeiT III, CLIP)")
+    if model.cls_token is None:
+        raise RegclsError(f"{name} has no [CLS] token (class_token=False); the paper's analysis needs one")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise RegclsError(f"{name} block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; "
+                              "only timm's pre-norm Block with standard Attention is supported")
+    attn = model.blocks[-1].attn
+    if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
+        raise RegclsError(f"{name} normalises or gates the attention output, so it is not linear in "
+                          "the token parts and cannot be decomposed")
+
+
+def resolve_arch(name: str) -> str:
+    """The timm architecture of ``name`` (``arch`` or ``arch.tag``); unknown names list the closest."""
+    import timm
+
+    arch = name.split(".")[0]
+    if timm.is_model(arch):
+        return arch
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; closest timm names: {', '.join(close)}" if close else ""
+    raise RegclsError(f"unknown model {name!r}{hint}")
+
+
+def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None = None) -> nn.Module:
+    """``timm.create_model`` without a classifier head, at ``img_size``, in eval mode.
+
+    Pretrained weights come from the hub; offline, this fails at once with a one-line error.
+    """
+    import timm
+
+    arch = resolve_arch(name)
+    with torch.device("meta"):  # shape-only build: refuse non-ViTs before any weights exist
+        check_supported(timm.create_model(arch, pretrained=False, **(overrides or {})), name)
+    kwargs = dict(num_classes=0, img_size=img_size, **(overrides or {}))
+    if pretrained and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # use the local hub cache if it has the weights, never retry
+        import huggingface_hub.constants as hc
+        hc.HF_HUB_OFFLINE = True
+    try:
+        model = timm.create_model(name if pretrained else arch, pretrained=pretrained, **kwargs)
+    except RegclsError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- turned into one line for the user
+        if pretrained:
+            raise RegclsError(
+                f"cannot get pretrained weights for {name} ({type(e).__name__}): the hub is not reachable "
+                "and they are not cached; offline, use --checkpoint FILE or the smoke profile "
+                "(REGCLS_PROFILE=smoke)") from None
+        raise RegclsError(f"cannot build {name}: {e}") from None
+    check_supported(model, name)
+    return model.eval().requires_grad_(False)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, read safely (safetensors, or ``torch.load(weights_only=True)``).
+
+    Unwraps the usual containers (``model``, ``state_dict``, ``teacher``) and DDP ``module.`` prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RegclsError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise RegclsError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") \
+            from None
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise RegclsError(f"checkpoint {path} holds no state dict of tensors")
+    for prefix in ("module.", "backbone."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file in timm's or the official DINOv2 format into ``model`` (strict).
+
+    timm's own filter converts DINOv2 keys (``register_tokens``, ``mask_token``, ``w12``/``w3``) and
+    resamples the position embedding to the model's grid. Mismatched keys are named in the error.
+    """
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    sd = read_state_dict(path)
+    try:
+        sd = checkpoint_filter_fn(sd, model)
+    except Exception as e:  # noqa: BLE001
+        raise RegclsError(f"checkpoint {path} does not fit {type(model).__name__}: {e}") from None
+    sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and isinstance(model.head, nn.Identity))}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        def few(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"wrong shapes: {few(wrong)}" if wrong else ""]
+        raise RegclsError(f"checkpoint {path} does not fit the architecture; "
+                          + "; ".join(p for p in parts if p))
+    model.load_state_dict(sd, strict=True)
+
+
+def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) -> nn.Module:
+    """The model of a profile entry, with its weights: checkpoint, hub, random (seeded) or planted."""
+    overrides = dict(spec.overrides)
+    if checkpoint is not None:
+        model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
+        load_checkpoint(model, checkpoint)
+        return model
+    if spec.weights == "hub":
+        return create(spec.name, pretrained=True, img_size=img_size, overrides=overrides)
+    kind, _, arg = spec.weights.partition(":")
+    if kind == "random":
+        torch.manual_seed(int(arg or 0))
+        return create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
+    if kind == "planted":
+        from .planted import plant
+        model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
+        return plant(model, arg)
+    raise RegclsError(f"unknown weights {spec.weights!r} for {spec.name}")
+
+
+def weights_id(spec: ModelSpec, checkpoint: str | Path | None = None) -> str:
+    """What identifies the weights in result files and cache keys."""
+    if checkpoint is not None:
+        import hashlib
+        h = hashlib.sha256()
+        with open(checkpoint, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return f"checkpoint:{Path(checkpoint).name}:sha256={h.hexdigest()[:16]}"
+    return f"hub:{spec.name}" if spec.weights == "hub" else spec.weights

@@ -1,0 +1,114 @@
+"""Planted models: small ViTs in the DINOv2 architecture whose weights are set, not learned, so that each
+analysis has a known answer. They are controls for the analysis code, not evidence about DINOv2.
+
+Every kind starts from variance-preserving random weights (seeded), with LayerScale set per block, and
+then fixes the last block:
+
+``patch_integrator`` (negative control, with or without registers)
+    The last block's queries are zero, so the [CLS] attends uniformly: the patch share is P_patch / N
+    (> 0.9 at the smoke grid), the register share R / N. Its attention update is large against the skip
+    term. Expected: patch share > 0.9; patch-only CKA > 0.9; skip norm < patch-part norm; the [CLS]
+    jumps at the last block (cosine of the penultimate to the final [CLS] < 0.9).
+``register_reader`` (positive control, needs registers)
+    Registers carry a constant in reserved dimensions E that no block writes to; the last block's keys
+    read E and its [CLS] query is a constant, so the [CLS] attends to the registers. Register ``HIGH``
+    also carries huge image-independent values in reserved dimensions O (a high-norm register) which the
+    last block's LayerNorm weight scales down; its other dimensions carry image content from earlier
+    blocks. Expected: register share > 0.95; patch-part norm < 0.1 x full; register-only CKA > patch-only
+    CKA; the same register has the highest norm for every image, its cosine across images > 0.99, its
+    top dimensions shrink > 10x after the LayerNorm, and a linear probe still reads the image class.
+``skip_dominated`` (positive control, no registers)
+    LayerScale shrinks along the depth and is tiny in the last block, so the skip term dominates and the
+    [CLS] converges smoothly. Expected: skip norm > 10 x patch-part norm; cosine of the penultimate to the
+    final [CLS] > 0.99; skip-only CKA > 0.99.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import RegclsError
+
+KINDS = ("patch_integrator", "register_reader", "skip_dominated")
+SEEDS = {"patch_integrator": 11, "register_reader": 12, "skip_dominated": 13}
+HIGH = 2           # index of the high-norm register among the registers
+N_RESERVED = 4     # size of each reserved set of dimensions (O: outliers, E: register marker)
+Q_READ = 0.12      # query strength of the register reader: sets how far the patches are ignored
+
+
+def _reinit(model: nn.Module, gen: torch.Generator) -> None:
+    """Variance-preserving weights (std 1/sqrt(fan_in)), zero biases, unit LayerNorms, random tokens."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * mod.weight.shape[1] ** -0.5)
+            if mod.bias is not None:
+                mod.bias.zero_()
+        elif isinstance(mod, nn.LayerNorm):
+            mod.weight.fill_(1.0)
+            if mod.bias is not None:
+                mod.bias.zero_()
+        elif isinstance(mod, nn.Conv2d):
+            fan_in = mod.weight[0].numel()
+            mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * fan_in ** -0.5)
+            if mod.bias is not None:
+                mod.bias.zero_()
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        p = getattr(model, name, None)
+        if p is not None:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def _layerscale(model: nn.Module, attn: list[float], mlp: list[float]) -> None:
+    for blk, a, m in zip(model.blocks, attn, mlp):
+        blk.ls1.gamma.fill_(a)
+        blk.ls2.gamma.fill_(m)
+
+
+def plant(model: nn.Module, kind: str) -> nn.Module:
+    """Set the weights of a timm DINOv2-style ViT (with LayerScale) to a planted control, in place."""
+    if kind not in KINDS:
+        raise RegclsError(f"unknown planted kind {kind!r}; known: {', '.join(KINDS)}")
+    if not hasattr(model.blocks[0].ls1, "gamma"):
+        raise RegclsError("planted models need LayerScale (a DINOv2-style ViT)")
+    gen = torch.Generator().manual_seed(SEEDS[kind])
+    L, P, D = len(model.blocks), model.num_prefix_tokens, model.embed_dim
+    last = model.blocks[-1]
+    with torch.no_grad():
+        _reinit(model, gen)
+        if kind == "patch_integrator":
+            _layerscale(model, [0.3] * (L - 1) + [4.0], [0.3] * (L - 1) + [0.05])
+            q = last.attn.qkv
+            q.weight[:D].zero_()     # zero queries: every token attends uniformly
+        elif kind == "skip_dominated":
+            decay = [1.0 / (1 + l) ** 1.5 for l in range(L)]
+            _layerscale(model, decay[:-1] + [0.002], decay[:-1] + [0.002])
+        elif kind == "register_reader":
+            if model.num_reg_tokens < HIGH + 1:
+                raise RegclsError("register_reader needs at least 3 registers")
+            _plant_register_reader(model, L, D)
+    return model.eval()
+
+
+def _plant_register_reader(model: nn.Module, L: int, D: int) -> None:
+    O = torch.arange(0, N_RESERVED)                 # outlier dimensions of the high-norm register
+    E = torch.arange(N_RESERVED, 2 * N_RESERVED)    # register marker dimensions
+    reserved = torch.cat([O, E])
+    _layerscale(model, [0.3] * (L - 1) + [4.0], [0.3] * (L - 1) + [0.05])
+    # Nothing but the registers carries the reserved dimensions, and no block writes into them.
+    for p in (model.cls_token, model.pos_embed):
+        p[..., reserved] = 0.0
+    model.patch_embed.proj.weight[reserved] = 0.0
+    model.reg_token[..., reserved] = 0.0
+    model.reg_token[..., E] = 3.0
+    model.reg_token[0, HIGH, O] = 60.0
+    for blk in model.blocks:
+        blk.attn.proj.weight[reserved] = 0.0
+        blk.mlp.fc2.weight[reserved] = 0.0
+    last = model.blocks[-1]
+    last.norm1.weight[O] = 0.01                      # LayerNorm scales the outliers down before attention
+    qkv = last.attn.qkv
+    H, hd = last.attn.num_heads, last.attn.head_dim
+    qkv.weight[: 2 * D].zero_()                      # queries and keys: rebuilt below
+    qkv.bias[:D] = Q_READ                            # constant [CLS] (and every) query
+    for h in range(H):                               # every key coordinate of every head reads the marker
+        qkv.weight[D + h * hd: D + (h + 1) * hd, E] = 1.0

@@ -1,0 +1,111 @@
+"""The book's figure style, the banners every chapter shows, and the figure helpers chapters share."""
+from __future__ import annotations
+
+import html
+import platform
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .profiles import SIZES, Profile
+
+PALETTE = {"S": "#9ecae1", "B": "#4292c6", "L": "#08519c", "g": "#08306b"}
+PART_COLORS = {"cls": "#7f7f7f", "reg": "#d62728", "patch": "#1f77b4", "skip": "#2ca02c"}
+PART_NAMES = {"cls": "[CLS] (self)", "reg": "registers", "patch": "patches", "skip": "skip (residual)"}
+
+
+def setup() -> None:
+    """One style for every figure of the book."""
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=1.0)
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "figure.figsize": (6.4, 3.6),
+                         "axes.titlesize": 11, "axes.labelsize": 10})
+
+
+def size_label(size: str, registers: bool | None = None) -> str:
+    """``"g"`` -> ``"giant"``-style axis label, with ``+reg`` when asked."""
+    names = {"S": "S", "B": "B", "L": "L", "g": "g"}
+    return names[size] + ("+reg" if registers else "")
+
+
+def order(sizes) -> list[str]:
+    """Sizes in the paper's order."""
+    return [s for s in SIZES if s in sizes]
+
+
+def _box(kind: str, title: str, body: str) -> str:
+    return (f'<div class="admonition {kind} regcls-{kind}"><p class="admonition-title">{html.escape(title)}</p>'
+            f"<p>{body}</p></div>")
+
+
+def banner(profile: Profile):
+    """The visible notice of where this page's numbers come from (an IPython HTML object)."""
+    from IPython.display import HTML
+
+    if profile.name == "smoke":
+        body = ("The figures on this page come from the <b>smoke profile</b>: tiny ViTs with planted weights "
+                "(the small sizes are negative controls that integrate patches, the large sizes positive "
+                "controls that read registers or their own skip connection) on images that ship with Python "
+                "packages. The pattern is planted to check the analysis and is <b>no evidence for or against "
+                "the paper</b>; the paper profile gives the evidence. To get real figures, run the book with "
+                "<code>make book PROFILE=paper</code> on a GPU, or this notebook on Colab with "
+                "<code>REGCLS_PROFILE=laptop</code> or <code>paper</code>.")
+        return HTML(f'<div class="regcls-smoke-banner">{_box("warning", "Smoke profile: planted controls, not real weights", body)}</div>')
+    body = (f"Computed with the <b>{profile.name}</b> profile: {html.escape(profile.note)}; "
+            f"{profile.img_size} px images.")
+    return HTML(_box("note", f"Profile: {profile.name}", body))
+
+
+def hardware() -> str:
+    """One line naming the machine a chapter ran on."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def strip_by_size(ax, values: dict[str, np.ndarray], ylabel: str, registers: bool | None = None) -> None:
+    """Per-image distribution of one statistic per model size: violin + points, sizes in paper order."""
+    sizes = order(values)
+    data = [np.asarray(values[s]) for s in sizes]
+    parts = ax.violinplot(data, showextrema=False, widths=0.8)
+    for body, s in zip(parts["bodies"], sizes):
+        body.set_facecolor(PALETTE[s])
+        body.set_alpha(0.35)
+    rng = np.random.default_rng(0)
+    for i, (s, d) in enumerate(zip(sizes, data), start=1):
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=6, color=PALETTE[s], alpha=0.8, lw=0)
+        ax.hlines(np.mean(d), i - 0.3, i + 0.3, color="k", lw=1.5)
+    ax.set_xticks(range(1, len(sizes) + 1), [size_label(s, registers) for s in sizes])
+    ax.set_xlabel("model size")
+    ax.set_ylabel(ylabel)
+
+
+def interval_table(rows: list[dict]):
+    """A small pandas table of statistics with their bootstrap intervals, formatted for the page."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    return df.style.format(precision=3).hide(axis="index")
+
+
+def run_box(profile: Profile, notebook: str):
+    """The "Run this chapter" box: Colab link, profile, hardware."""
+    from IPython.display import HTML
+
+    from . import REPOSITORY
+
+    colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
+    body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '
+            f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
+            f"is at the end of the page. Another profile: set <code>REGCLS_PROFILE</code> before the first cell.")
+    return HTML(_box("tip", "Run this chapter", body))
+
+
+def elapsed(start: float) -> str:
+    """How long the chapter took, for its last cell."""
+    import time
+
+    return f"This chapter took {time.time() - start:.0f} s on {hardware()}."

@@ -1,0 +1,173 @@
+"""The three profiles as data: which models, which images, at what scale.
+
+``smoke``  tiny ViTs in the DINOv2 architecture (patch 14, LayerScale, 0 or 4 registers) at four sizes,
+           on images that ship with installed packages. Offline, minutes on 2 CPU cores. Tests and CI.
+``laptop`` real DINOv2 S and B (with and without registers) on a few hundred COCO val2017 images.
+``paper``  real DINOv2 S/B/L/g with and without registers, all 5,000 COCO val2017 images, ImageNetV2 for
+           the one-shot test.
+
+Choose one with ``REGCLS_PROFILE`` (``make book PROFILE=...``); unset, :func:`active_profile` picks the
+largest the machine can run and says so.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from .errors import RegclsError
+
+SIZES = ("S", "B", "L", "g")  # the paper's order
+SIZE_NAMES = {"S": "small", "B": "base", "L": "large", "g": "giant"}
+DINOV2_PARAMS = {"S": "21M", "B": "86M", "L": "300M", "g": "1.1B"}  # parameter counts the paper gives
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a profile.
+
+    ``weights`` is ``"hub"`` (pretrained ``arch.tag`` from the Hugging Face hub), ``"random:SEED"``
+    (timm's initialisation under a fixed seed) or ``"planted:KIND"`` (a known-answer control, see
+    :mod:`regcls.planted`). ``overrides`` are keyword arguments for ``timm.create_model`` (smoke sizes).
+    """
+
+    size: str
+    arch: str
+    tag: str | None = None
+    weights: str = "hub"
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """timm's full name, ``arch.tag`` for hub weights."""
+        return f"{self.arch}.{self.tag}" if self.tag else self.arch
+
+    @property
+    def registers(self) -> bool:
+        return "reg" in self.arch
+
+    @property
+    def label(self) -> str:
+        """Short label for figures: ``L+reg`` or ``L``."""
+        return self.size + ("+reg" if self.registers else "")
+
+    @property
+    def family(self) -> str:
+        return self.arch.split("_patch")[0].replace("vit_", "").rstrip("_")
+
+    def describe(self) -> dict:
+        """Plain-data record for result files."""
+        return {"size": self.size, "arch": self.arch, "name": self.name, "weights": self.weights,
+                "registers": self.registers, "overrides": dict(self.overrides)}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Scale of every chapter: models, images, resolution, batch size, device."""
+
+    name: str
+    models: tuple[ModelSpec, ...]
+    dataset: str               # unlabelled images for most experiments (COCO val2017 in the paper)
+    limit: int | None          # number of images of ``dataset`` (None = all)
+    labelled: str              # labelled images for one-shot and probes (ImageNet in the paper)
+    labelled_limit: int | None
+    img_size: int
+    batch_size: int
+    device: str
+    alt_img_size: int = 518    # the other resolution of the open choice "224 vs 518 px"
+    oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def models_with(self, registers: bool) -> list[ModelSpec]:
+        """The profile's models with (or without) registers, in the paper's size order."""
+        chosen = [m for m in self.models if m.registers == registers]
+        return sorted(chosen, key=lambda m: SIZES.index(m.size))
+
+    def model(self, size: str, registers: bool) -> ModelSpec:
+        for m in self.models_with(registers):
+            if m.size == size:
+                return m
+        raise RegclsError(f"profile {self.name!r} has no model of size {size!r} with registers={registers}")
+
+
+def dinov2(size: str, registers: bool) -> ModelSpec:
+    """The public DINOv2 checkpoint of one size, with or without 4 registers (timm names)."""
+    arch = f"vit_{SIZE_NAMES[size]}_patch14_{'reg4_' if registers else ''}dinov2"
+    return ModelSpec(size=size, arch=arch, tag="lvd142m", weights="hub")
+
+
+# Tiny stand-ins with the DINOv2 architecture: same token layout, LayerScale, patch 14, giant keeps SwiGLU.
+# The "large" sizes are planted positive controls and the "small" sizes negative controls (regcls.planted).
+SMOKE_SIZES = {
+    "S": dict(embed_dim=48, depth=4, num_heads=3),
+    "B": dict(embed_dim=64, depth=4, num_heads=4),
+    "L": dict(embed_dim=96, depth=6, num_heads=4),
+    "g": dict(embed_dim=128, depth=8, num_heads=4),
+}
+SMOKE_PLANT = {  # (size, registers) -> planted kind
+    ("S", True): "patch_integrator", ("B", True): "patch_integrator",
+    ("L", True): "register_reader", ("g", True): "register_reader",
+    ("S", False): "patch_integrator", ("B", False): "patch_integrator",
+    ("L", False): "skip_dominated", ("g", False): "skip_dominated",
+}
+
+
+def smoke_model(size: str, registers: bool) -> ModelSpec:
+    arch = dinov2(size, registers).arch
+    return ModelSpec(size=size, arch=arch, tag=None, weights=f"planted:{SMOKE_PLANT[size, registers]}",
+                     overrides=tuple(sorted(SMOKE_SIZES[size].items())))
+
+
+def _all(make) -> tuple[ModelSpec, ...]:
+    return tuple(make(s, r) for r in (True, False) for s in SIZES)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke", models=_all(smoke_model), dataset="samples", limit=None,
+        labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16, device="cpu", alt_img_size=224,
+        note="tiny planted-control ViTs on images shipped with installed packages"),
+    "laptop": Profile(
+        name="laptop", models=tuple(dinov2(s, r) for r in (True, False) for s in ("S", "B")),
+        dataset="coco-val2017", limit=300, labelled="imagenetv2", labelled_limit=2000,
+        img_size=224, batch_size=16, device="cpu",
+        note="real DINOv2 small and base on 300 COCO val2017 images"),
+    "paper": Profile(
+        name="paper", models=_all(dinov2), dataset="coco-val2017", limit=None,
+        labelled="imagenetv2", labelled_limit=None, img_size=224, batch_size=64, device="cuda",
+        note="real DINOv2 S/B/L/g on all 5,000 COCO val2017 images and ImageNetV2"),
+}
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """True when the Hugging Face hub answers and offline mode is off (a quick TCP check)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def detect_profile() -> str:
+    """The largest profile this machine can run: GPU and hub -> paper, hub -> laptop, else smoke."""
+    import torch
+
+    if hub_reachable():
+        return "paper" if torch.cuda.is_available() else "laptop"
+    return "smoke"
+
+
+def active_profile(name: str | None = None, verbose: bool = True) -> Profile:
+    """The profile named here, else in ``REGCLS_PROFILE``, else detected (printed)."""
+    name = name or os.environ.get("REGCLS_PROFILE") or None
+    how = "chosen"
+    if not name:
+        name, how = detect_profile(), "detected (set REGCLS_PROFILE to choose)"
+    if name not in PROFILES:
+        raise RegclsError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    if verbose:
+        print(f"regcls profile: {name} ({how}): {PROFILES[name].note}")
+    return PROFILES[name]

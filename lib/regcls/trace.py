@@ -1,0 +1,300 @@
+"""The trace: one forward pass with hooks, and the trace file.
+
+Shapes (n images, H heads, N tokens ``[CLS, registers, patches]``, L blocks, D width, P = 1 + registers):
+
+==================================  ============  =====================================================
+key                                 shape         what
+==================================  ============  =====================================================
+``cls_attn``                        (n, H, N)     last block, [CLS] query, post-softmax attention
+``attn_mass``                       (n, L, H, 3)  every block: [CLS] attention summed over [CLS], registers,
+                                                  patches
+``attn_val_{cls,reg,patch}``        (n, D)        last block, sum of a_i v_i over that token type, heads
+                                                  concatenated, before the output projection
+``attn_out_{cls,reg,patch}``        (n, D)        the same after the output projection and LayerScale
+``attn_out_bias``                   (D,)          the projection bias after LayerScale
+``attn_out_full``                   (n, D)        the three parts + the bias: the block's attention branch
+``skip``                            (n, D)        [CLS] hidden state entering the last block
+``cls_layers``                      (n, L, D)     [CLS] hidden state after every block (before final norm)
+``prefix_penult`` / ``_ln``         (n, P, D)     prefix tokens entering the last block, raw / after norm1
+``token_norms_penult``              (n, N)        L2 norm of every token entering the last block
+``cls_final``                       (n, D)        final [CLS] embedding (after the final norm)
+==================================  ============  =====================================================
+
+The model's own forward keeps PyTorch's fused attention; the hooks recompute only the [CLS] query row of
+each block from the ``qkv`` projection the block already computed, so no N x N attention is ever held.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import RegclsError
+from .models import layout
+
+TRACE_SCHEMA = 1
+PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
+             "attn_out_reg", "attn_out_patch", "attn_out_full", "skip", "cls_layers", "prefix_penult",
+             "prefix_penult_ln", "token_norms_penult", "cls_final")
+PARTS = ("cls", "reg", "patch")
+
+
+def _cls_row(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] query attention of one block from its ``qkv`` output (B, N, 3*H*hd).
+
+    Returns the post-softmax row ``a`` (B, H, N) and the values ``v`` (B, H, N, hd), in float32 or wider.
+    """
+    B, N, _ = qkv.shape
+    dtype = torch.promote_types(qkv.dtype, torch.float32)
+    qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).to(dtype)
+    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))          # (B, H, 1, hd)
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))           # (B, H, N, hd)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)         # (B, H, 1, N)
+    return scores.softmax(dim=-1)[:, :, 0], qkv[:, :, 2].transpose(1, 2)
+
+
+def _split(a: torch.Tensor, P: int) -> list[torch.Tensor]:
+    """Token index ranges of [CLS], registers, patches along the last axis."""
+    return [a[..., :1], a[..., 1:P], a[..., P:]]
+
+
+class Tracer:
+    """Hooks on a timm ViT that record the trace of each forward pass.
+
+    Use as ``with Tracer(model) as t: arrays = t.run(images)``; ``arrays`` are torch tensors on the
+    model's device, per image, with the keys of :data:`PER_IMAGE`.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.lay = layout(model)
+        self.rec: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "Tracer":
+        blocks, P = self.model.blocks, self.lay.num_prefix
+        last = len(blocks) - 1
+        mass: list = [None] * len(blocks)
+        cls_layers: list = [None] * len(blocks)
+        self._mass, self._layers = mass, cls_layers
+
+        def on_qkv(i):
+            def hook(_mod, _inp, qkv):
+                a, v = _cls_row(blocks[i].attn, qkv)
+                mass[i] = torch.stack([p.sum(-1) for p in _split(a, P)], dim=-1)  # (B, H, 3)
+                if i == last:
+                    self.rec["cls_attn"] = a
+                    for name, ap, vp in zip(PARTS, _split(a, P), _split(v.transpose(-2, -1), P)):
+                        # sum_i a_i v_i over the part: (B, H, hd) -> heads concatenated (B, D)
+                        val = (vp @ ap.unsqueeze(-1)).squeeze(-1)
+                        self.rec[f"attn_val_{name}"] = val.flatten(1)
+            return hook
+
+        def on_block(i):
+            def hook(_mod, _inp, out):
+                cls_layers[i] = out[:, 0]
+            return hook
+
+        def on_last_in(_mod, inp):
+            x = inp[0]
+            self.rec["skip"] = x[:, 0]
+            self.rec["prefix_penult"] = x[:, :P]
+            self.rec["token_norms_penult"] = x.to(torch.promote_types(x.dtype, torch.float32)).norm(dim=-1)
+
+        def on_last_norm1(_mod, _inp, out):
+            self.rec["prefix_penult_ln"] = out[:, :P]
+
+        for i, blk in enumerate(blocks):
+            self.handles.append(blk.attn.qkv.register_forward_hook(on_qkv(i)))
+            self.handles.append(blk.register_forward_hook(on_block(i)))
+        self.handles.append(blocks[last].register_forward_pre_hook(on_last_in))
+        self.handles.append(blocks[last].norm1.register_forward_hook(on_last_norm1))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    @torch.inference_mode()
+    def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Trace one batch of normalised images (B, 3, S, S)."""
+        self.rec = {}
+        feats = self.model.forward_features(images)
+        rec = self.rec
+        rec["cls_final"] = feats[:, 0]
+        rec["attn_mass"] = torch.stack(self._mass, dim=1)       # (B, L, H, 3)
+        rec["cls_layers"] = torch.stack(self._layers, dim=1)    # (B, L, D)
+        last = self.model.blocks[-1]
+        weight, bias = last.attn.proj.weight, last.attn.proj.bias
+        dtype = rec["attn_val_cls"].dtype
+        gamma = last.ls1.gamma.to(dtype) if hasattr(last.ls1, "gamma") else None
+
+        def out(x):  # output projection without bias, then LayerScale: linear in the parts
+            y = x @ weight.to(dtype).T
+            return y * gamma if gamma is not None else y
+
+        for name in PARTS:
+            rec[f"attn_out_{name}"] = out(rec[f"attn_val_{name}"])
+        b = bias.to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+        self.bias = b * gamma if gamma is not None else b
+        rec["attn_out_full"] = rec["attn_out_cls"] + rec["attn_out_reg"] + rec["attn_out_patch"] + self.bias
+        return rec
+
+
+def trace_batch(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Trace one batch; also returns ``attn_out_bias`` (D,)."""
+    with Tracer(model) as t:
+        rec = t.run(images)
+        rec["attn_out_bias"] = t.bias
+    return rec
+
+
+# ---------------------------------------------------------------------------------------- files
+
+def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz so that ``path`` is either absent, the old file, or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_trace(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Save a trace: float32 arrays plus metadata (model, weights, dataset, sizes, version, options)."""
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if k not in ("image_ids", "labels")}
+    out["image_ids"] = np.asarray(arrays["image_ids"], dtype=str)
+    if "labels" in arrays:
+        out["labels"] = np.asarray(arrays["labels"], dtype=np.int64)
+    for k in ("model", "weights", "dataset", "img_size", "num_prefix_tokens", "num_registers", "grid"):
+        if k not in meta:
+            raise ValueError(f"trace metadata lacks {k!r}")
+    meta = {"regcls_version": __version__, "trace_schema": TRACE_SCHEMA, **meta}
+    for k, v in meta.items():  # plain values also as arrays; everything in meta_json
+        arr = np.asarray(v) if not isinstance(v, dict) else None
+        if arr is not None and arr.dtype != object:
+            out[k] = arr
+    out["meta_json"] = np.asarray(json.dumps(meta, sort_keys=True, default=str))
+    atomic_savez(path, out)
+
+
+def load_trace(path: str | Path) -> dict:
+    """Read a trace into a dict of arrays; ``meta`` holds the metadata as plain Python."""
+    path = Path(path)
+    if not path.is_file():
+        raise RegclsError(f"trace {path} does not exist")
+    with np.load(path, allow_pickle=False) as z:
+        tr = {k: z[k] for k in z.files}
+    tr["meta"] = json.loads(str(tr.pop("meta_json")))
+    if tr["meta"].get("trace_schema") != TRACE_SCHEMA:
+        raise RegclsError(f"trace {path} has schema {tr['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}; "
+                          "delete it to recompute")
+    return tr
+
+
+def trace_meta(net: nn.Module, **meta) -> dict:
+    """Metadata from the network's layout plus what the caller knows (model name, weights, dataset ...)."""
+    lay = layout(net)
+    return {"num_prefix_tokens": lay.num_prefix, "num_registers": lay.num_registers, "grid": list(lay.grid),
+            "depth": lay.depth, "heads": lay.heads, "dim": lay.dim, **meta}
+
+
+# ------------------------------------------------------------------------------ many images
+
+def _to_numpy(rec: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: rec[k].detach().float().cpu().numpy() if rec[k].dtype != torch.float64
+            else rec[k].detach().cpu().numpy() for k in PER_IMAGE}
+
+
+def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta: dict,
+              extra: dict[str, np.ndarray] | None = None, batch_size: int = 16, device: str = "cpu", amp: bool = False, progress: bool = True) -> Path:
+    """Trace all images into ``out`` (.npz), resuming an interrupted run of the same settings.
+
+    ``images`` is indexable by a slice and returns normalised float images (B, 3, S, S) (see
+    :class:`regcls.data.ImageStore`). Finished batches go to ``out.parts/`` as they complete (atomic
+    writes); the final file is written atomically and the parts are removed.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    n = len(ids)
+    if n == 0:
+        raise RegclsError("no images to trace")
+    parts_dir = out.with_name(out.name + ".parts")
+    key = json.dumps({**meta, "image_ids_hash": _hash_ids(ids)}, sort_keys=True, default=str)
+    done = _resume(parts_dir, key)
+    start = done[-1][1] if done else 0
+    model = model.to(device)
+    dtype = next(model.parameters()).dtype
+    bias = None
+    bar = tqdm(total=n, initial=start, unit="img", desc=f"trace {meta.get('model', '')}", disable=not progress)
+    with Tracer(model) as tracer:
+        i = start
+        while i < n:
+            j = min(i + batch_size, n)
+            x = images[i:j].to(device=device, dtype=dtype)
+            try:
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device.startswith("cuda")):
+                    rec = tracer.run(x)
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                torch.cuda.empty_cache()
+                bar.write(f"out of memory: retrying with batch size {batch_size}")
+                continue
+            arrays = _to_numpy(rec)
+            atomic_savez(parts_dir / f"{i:09d}-{j:09d}.npz", arrays)
+            done.append((i, j))
+            bias = tracer.bias
+            bar.update(j - i)
+            i = j
+        if bias is None:  # everything came from parts: one tiny batch recovers the bias
+            tracer.run(images[0:1].to(device=device, dtype=dtype))
+            bias = tracer.bias
+    bar.close()
+    arrays = {k: np.concatenate([np.load(parts_dir / f"{a:09d}-{b:09d}.npz")[k] for a, b in done])
+              for k in PER_IMAGE}
+    arrays["attn_out_bias"] = bias.detach().float().cpu().numpy()
+    arrays["image_ids"] = np.asarray(ids)
+    save_trace(out, {**arrays, **(extra or {})}, meta)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return out
+
+
+def _hash_ids(ids: list[str]) -> str:
+    import hashlib
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _resume(parts_dir: Path, key: str) -> list[tuple[int, int]]:
+    """Finished, contiguous batch ranges of an earlier run with the same key; else start afresh."""
+    key_file = parts_dir / "run.json"
+    if parts_dir.is_dir() and key_file.is_file() and key_file.read_text() == key:
+        ranges = sorted(tuple(int(x) for x in p.stem.split("-")) for p in parts_dir.glob("*-*.npz"))
+        done, end = [], 0
+        for a, b in ranges:
+            if a != end:
+                break
+            done.append((a, b))
+            end = b
+        return done
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True)
+    key_file.write_text(key)
+    return []

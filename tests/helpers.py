@@ -1,0 +1,33 @@
+"""Tiny random ViTs of several timm families, with weights large enough that every block matters."""
+import timm
+import torch
+
+from regcls.planted import _reinit
+
+TINY = dict(embed_dim=32, depth=3, num_heads=2, num_classes=0)
+FAMILIES = {  # name -> (timm arch, overrides)
+    "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=56)),
+    "dinov2": ("vit_small_patch14_dinov2", dict(img_size=56)),
+    "deit3": ("deit3_small_patch16_224", dict(img_size=48)),
+    "clip": ("vit_base_patch16_clip_224", dict(img_size=48)),
+}
+
+
+def tiny(family: str, seed: int = 0, dtype=torch.float64):
+    arch, kw = FAMILIES[family]
+    model = timm.create_model(arch, pretrained=False, **TINY, **kw)
+    with torch.no_grad():
+        _reinit(model, torch.Generator().manual_seed(seed))
+        for blk in model.blocks:
+            if hasattr(blk.ls1, "gamma"):
+                blk.ls1.gamma.uniform_(0.2, 1.0)
+                blk.ls2.gamma.uniform_(0.2, 1.0)
+            if blk.attn.qkv.bias is not None:
+                blk.attn.qkv.bias.normal_(0, 0.1)
+            blk.attn.proj.bias.normal_(0, 0.1)
+    return model.to(dtype).eval()
+
+
+def images(model, n=3, seed=0, dtype=torch.float64):
+    s = model.patch_embed.img_size
+    return torch.randn(n, 3, *s, generator=torch.Generator().manual_seed(seed), dtype=dtype)

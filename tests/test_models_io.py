@@ -1,0 +1,164 @@
+"""Weights files in timm's and in the official DINOv2 format load to the same trace; the CLI end to end;
+the cache; every profile's names exist in timm's registry."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from regcls.data import DATASETS, SHIPPED
+from regcls.errors import RegclsError
+from regcls.models import create, load_checkpoint
+from regcls.profiles import PROFILES
+from regcls.trace import load_trace, trace_batch
+
+ARCH = "vit_small_patch14_reg4_dinov2"
+SET = dict(embed_dim=48, depth=2, num_heads=3)
+
+
+def to_official_dinov2(sd: dict, model) -> dict:
+    """The inverse of timm's DINOv2 conversion: the key layout of facebookresearch/dinov2 checkpoints."""
+    out = {k: v.clone() for k, v in sd.items()}
+    pos0 = torch.randn(1, 1, model.embed_dim)  # official pos_embed also has a [CLS] slot
+    if "reg_token" in out:
+        out["register_tokens"] = out.pop("reg_token")
+        out["cls_token"] = out["cls_token"] - pos0
+        out["pos_embed"] = torch.cat([pos0, out["pos_embed"]], dim=1)
+    out["mask_token"] = torch.zeros(1, model.embed_dim)
+    return {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3") if "swiglu" in k else k: v
+            for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    model = create(ARCH, pretrained=False, img_size=56, overrides=SET)
+    from regcls.planted import plant
+    return plant(model, "patch_integrator")
+
+
+def test_official_dinov2_and_timm_checkpoints_give_same_trace(tmp_path, reference):
+    x = torch.randn(2, 3, 56, 56)
+    want = trace_batch(reference, x)
+    sd = reference.state_dict()
+    from safetensors.torch import save_file
+    save_file(sd, str(tmp_path / "timm.safetensors"))
+    torch.save(to_official_dinov2(sd, reference), tmp_path / "dinov2_official.pth")
+    for f in ("timm.safetensors", "dinov2_official.pth"):
+        m = create(ARCH, pretrained=False, img_size=56, overrides=SET)
+        load_checkpoint(m, tmp_path / f)
+        got = trace_batch(m, x)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=f"{f}: {k}")
+
+
+def test_official_checkpoint_resampled_to_other_resolution(tmp_path, reference):
+    torch.save(to_official_dinov2(reference.state_dict(), reference), tmp_path / "w.pth")
+    m = create(ARCH, pretrained=False, img_size=84, overrides=SET)  # 6x6 grid from a 4x4 checkpoint
+    load_checkpoint(m, tmp_path / "w.pth")
+    assert m.pos_embed.shape[1] == 36
+
+
+def test_mismatched_checkpoint_names_keys(tmp_path, reference):
+    sd = reference.state_dict()
+    sd.pop("blocks.1.norm1.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    m = create(ARCH, pretrained=False, img_size=56, overrides=SET)
+    with pytest.raises(RegclsError, match=r"missing keys: blocks\.1\.norm1\.weight.*unexpected keys: extra\.weight"):
+        load_checkpoint(m, tmp_path / "bad.pth")
+
+
+def test_pickled_code_in_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    m = create(ARCH, pretrained=False, img_size=56, overrides=SET)
+    with pytest.raises(RegclsError, match="cannot read checkpoint"):
+        load_checkpoint(m, tmp_path / "evil.pth")
+
+
+def test_unknown_and_unsupported_models():
+    with pytest.raises(RegclsError, match="closest timm names: vit_small_patch14_dinov2"):
+        create("vit_smal_patch14_dinov2", pretrained=False, img_size=56)
+    with pytest.raises(RegclsError, match="not a timm VisionTransformer"):
+        create("resnet18", pretrained=False, img_size=56)
+    with pytest.raises(RegclsError, match="no \\[CLS\\] token"):
+        create("vit_small_patch16_224", pretrained=False, img_size=32,
+               overrides=dict(class_token=False, global_pool="avg", depth=1))
+
+
+def test_hub_weights_offline_fail_fast_with_advice():
+    import time
+    t = time.time()
+    with pytest.raises(RegclsError, match="--checkpoint FILE or the smoke profile"):
+        create("vit_small_patch14_dinov2.lvd142m", pretrained=True, img_size=56)
+    assert time.time() - t < 20
+
+
+def test_profiles_name_real_timm_weights_and_datasets():
+    pretrained = set(timm.list_pretrained())
+    for prof in PROFILES.values():
+        for m in prof.models:
+            assert timm.is_model(m.arch), m.arch
+            if m.weights == "hub":
+                assert m.name in pretrained, m.name
+        for ds in (prof.dataset, prof.labelled):
+            assert ds in DATASETS or ds in SHIPPED
+    for src in DATASETS.values():
+        assert src.url.startswith("http") and src.size > 1e8 and src.checksum.split(":")[0] in ("md5", "sha256")
+
+
+def _write_images(folder, n=5):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40 + i * 10, 60, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+
+
+def test_cli_trace_end_to_end(tmp_path):
+    _write_images(tmp_path / "imgs")
+    out = tmp_path / "t.npz"
+    cmd = [sys.executable, "-m", "regcls", "trace", "--model", ARCH, "--random", "--set", "embed_dim=48",
+           "--set", "depth=2", "--set", "num_heads=3", "--images", str(tmp_path / "imgs"), "--img-size", "56",
+           "--batch-size", "2", "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    tr = load_trace(out)
+    assert list(tr["image_ids"]) == [f"im{i}.png" for i in range(5)]
+    assert tr["cls_attn"].shape == (5, 3, 5 + 16) and tr["cls_attn"].dtype == np.float32
+    meta = tr["meta"]
+    for key in ("model", "weights", "dataset", "img_size", "n_images", "regcls_version", "grid"):
+        assert key in meta
+    assert meta["num_registers"] == 4 and meta["grid"] == [4, 4] and meta["n_images"] == 5
+    assert not (tmp_path / "t.npz.parts").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "regcls", "trace", "--model", "vit_nope", "--images", str(tmp_path),
+                        "--out", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ")
+
+
+def test_plan_lists_downloads():
+    r = subprocess.run([sys.executable, "-m", "regcls", "plan", "--profile", "paper"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "vit_giant_patch14_reg4_dinov2.lvd142m" in r.stdout and "val2017.zip" in r.stdout
+
+
+def test_cache_returns_same_arrays_without_recomputing(monkeypatch, smoke):
+    from regcls import cache, models
+    spec = smoke.model("S", True)
+    first = cache.get_trace(spec, "samples", img_size=smoke.img_size, progress=False)
+    monkeypatch.setattr(models, "build", lambda *a, **k: pytest.fail("recomputed a cached trace"))
+    again = cache.get_trace(spec, "samples", img_size=smoke.img_size, progress=False)
+    for k in ("cls_attn", "skip", "cls_final"):
+        np.testing.assert_array_equal(first[k], again[k])
+    assert json.dumps(first["meta"]) == json.dumps(again["meta"])

@@ -1,0 +1,127 @@
+"""Every quantity of the trace equals what timm computes, in float64, on four ViT families."""
+import numpy as np
+import pytest
+import torch
+
+from helpers import FAMILIES, images, tiny
+from regcls.trace import PARTS, trace_batch
+
+TOL = dict(rtol=1e-8, atol=1e-8)
+
+
+def reference(model, x):
+    """Independent ground truth: timm's own intermediate tensors, and an explicit unfused attention."""
+    blocks, P = model.blocks, model.num_prefix_tokens
+    got, handles = {"in": [], "branch": None, "post": None, "out": []}, []
+    for blk in blocks:
+        handles.append(blk.register_forward_pre_hook(lambda m, a: got["in"].append(a[0])))
+        handles.append(blk.register_forward_hook(lambda m, a, o: got["out"].append(o)))
+    last = blocks[-1]
+    handles.append(last.ls1.register_forward_hook(lambda m, a, o: got.__setitem__("branch", o)))
+    handles.append(last.norm2.register_forward_pre_hook(lambda m, a: got.__setitem__("post", a[0])))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    for h in handles:
+        h.remove()
+
+    def explicit_attention(blk, xin):
+        a = blk.attn
+        B, N, D = xin.shape
+        qkv = a.qkv(blk.norm1(xin)).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = a.q_norm(qkv[0]), a.k_norm(qkv[1]), qkv[2]
+        scores = (q @ k.transpose(-2, -1)) * a.scale
+        A = torch.exp(scores - scores.amax(-1, keepdim=True))
+        return A / A.sum(-1, keepdim=True), v                         # (B, H, N, N), (B, H, N, hd)
+
+    with torch.no_grad():
+        rows = [explicit_attention(b, xi)[0][:, :, 0] for b, xi in zip(blocks, got["in"])]
+        A, v = explicit_attention(last, got["in"][-1])
+        a0 = A[:, :, 0]                                                 # (B, H, N)
+        masks = {"cls": slice(0, 1), "reg": slice(1, P), "patch": slice(P, None)}
+        vals = {}
+        for name, sl in masks.items():
+            am = torch.zeros_like(a0)
+            am[..., sl] = a0[..., sl]
+            vals[name] = torch.einsum("bhn,bhnd->bhd", am, v).flatten(1)
+        full_val = torch.einsum("bhn,bhnd->bhd", a0, v).flatten(1)
+        manual_branch = last.ls1(last.attn.proj(full_val))
+    return dict(feats=feats, rows=rows, vals=vals, full_val=full_val, manual_branch=manual_branch, **got)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def case(request):
+    model = tiny(request.param)
+    x = images(model)
+    with torch.no_grad():
+        tr = trace_batch(model, x)
+    return request.param, model, x, tr, reference(model, x)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, **TOL)
+
+
+def test_parts_add_up_to_full(case):
+    _, _, _, tr, _ = case
+    close(tr["attn_out_cls"] + tr["attn_out_reg"] + tr["attn_out_patch"] + tr["attn_out_bias"], tr["attn_out_full"])
+
+
+def test_full_equals_timm_attention_branch(case):
+    _, _, _, tr, ref = case
+    close(tr["attn_out_full"], ref["branch"][:, 0])       # timm's fused forward
+    close(tr["attn_out_full"], ref["manual_branch"])      # explicit unfused attention
+
+
+def test_values_equal_explicit_masked_attention(case):
+    _, _, _, tr, ref = case
+    for name in PARTS:
+        close(tr[f"attn_val_{name}"], ref["vals"][name])
+    close(tr["attn_val_cls"] + tr["attn_val_reg"] + tr["attn_val_patch"], ref["full_val"])
+
+
+def test_skip_plus_branch_is_post_attention_state(case):
+    _, _, _, tr, ref = case
+    close(tr["skip"], ref["in"][-1][:, 0])
+    close(tr["skip"] + tr["attn_out_full"], ref["post"][:, 0])
+
+
+def test_cls_layers_and_final_match_timm(case):
+    _, model, _, tr, ref = case
+    for i, out in enumerate(ref["out"]):
+        close(tr["cls_layers"][:, i], out[:, 0])
+    close(tr["cls_final"], ref["feats"][:, 0])
+
+
+def test_cls_attention_equals_unfused_softmax(case):
+    _, model, _, tr, ref = case
+    P = model.num_prefix_tokens
+    close(tr["cls_attn"], ref["rows"][-1])
+    for i, row in enumerate(ref["rows"]):
+        expect = torch.stack([row[..., :1].sum(-1), row[..., 1:P].sum(-1), row[..., P:].sum(-1)], -1)
+        close(tr["attn_mass"][:, i], expect)
+    np.testing.assert_allclose(tr["attn_mass"].sum(-1).numpy(), 1.0, rtol=0, atol=1e-12)
+
+
+def test_penultimate_tokens(case):
+    _, model, _, tr, ref = case
+    P = model.num_prefix_tokens
+    xin = ref["in"][-1]
+    close(tr["prefix_penult"], xin[:, :P])
+    close(tr["prefix_penult_ln"], model.blocks[-1].norm1(xin)[:, :P])
+    close(tr["token_norms_penult"], xin.norm(dim=-1))
+
+
+def test_shapes(case):
+    family, model, x, tr, _ = case
+    n, L, H, D = x.shape[0], len(model.blocks), model.blocks[0].attn.num_heads, model.embed_dim
+    N = model.num_prefix_tokens + model.patch_embed.num_patches
+    assert tr["cls_attn"].shape == (n, H, N)
+    assert tr["attn_mass"].shape == (n, L, H, 3)
+    assert tr["cls_layers"].shape == (n, L, D)
+    assert tr["prefix_penult"].shape == (n, model.num_prefix_tokens, D)
+    assert (model.num_reg_tokens == 4) == (family == "dinov2_reg4")
+
+
+def test_model_keeps_fused_attention():
+    model = tiny("dinov2_reg4")
+    assert all(b.attn.fused_attn for b in model.blocks), "timm should run SDPA here; the trace must not turn it off"
