@@ -73,3 +73,29 @@ def test_renormalised_knockout_divides_each_head_by_its_mass():
     n, D = t["attn_val_patch"].shape
     m = t["attn_mass"][:, -1, :, 2]
     np.testing.assert_allclose(k["patch"].reshape(n, 2, D // 2), t["attn_val_patch"].reshape(n, 2, D // 2) / m[:, :, None])
+
+
+def test_oneshot_perfect_on_separable_and_chance_on_shuffled():
+    from regcls.metrics import oneshot, oneshot_split
+    C, per, d = 20, 4, 30
+    centers = rng.normal(size=(C, d)) * 10
+    y = np.repeat(np.arange(C), per)
+    X = centers[y] + rng.normal(size=(C * per, d))
+    for clf in ("logreg", "ncm"):
+        a, b = oneshot_split(y, seed=0)
+        assert oneshot(X[a], y[a], {"x": X[b]}, y[b], classifier=clf, k=1)["x"] == 1.0
+        accs = []
+        for seed in range(20):
+            ys = np.random.default_rng(seed).permutation(y)
+            a, b = oneshot_split(ys, seed)
+            accs.append(oneshot(X[a], ys[a], {"x": X[b]}, ys[b], classifier=clf, k=5)["x"])
+        assert abs(np.mean(accs) - 5 / C) < 0.1
+
+
+def test_probe_reads_separable_labels_and_not_noise():
+    from regcls.probe import linear_probe
+    y = np.repeat(np.arange(4), 25)
+    X = rng.normal(size=(100, 8))
+    X[:, 0] += 5 * y
+    assert linear_probe(X, y)["accuracy"] > 0.9
+    assert linear_probe(rng.normal(size=(100, 8)), y)["accuracy"] < 0.5

@@ -109,6 +109,7 @@ def test_penultimate_tokens(case):
     close(tr["prefix_penult"], xin[:, :P])
     close(tr["prefix_penult_ln"], model.blocks[-1].norm1(xin)[:, :P])
     close(tr["token_norms_penult"], xin.norm(dim=-1))
+    close(tr["patch_mean_penult"], xin[:, P:].mean(dim=1))
 
 
 def test_shapes(case):

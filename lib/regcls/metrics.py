@@ -113,13 +113,100 @@ def bootstrap_ci(stat: Callable[..., float], *arrays: np.ndarray, n_boot: int = 
     """Statistic and percentile bootstrap interval over images (rows resampled jointly in every array).
 
     Returns ``(value, low, high)``. Example: ``bootstrap_ci(np.mean, shares)``; ``bootstrap_ci(cka, X, Y)``.
+    ``n_boot=0`` skips the resampling (the interval is NaN).
     """
     n = len(arrays[0])
     rng = np.random.default_rng(seed)
     value = float(stat(*arrays))
+    if n_boot == 0:
+        return value, float("nan"), float("nan")
     boots = np.empty(n_boot)
     for b in range(n_boot):
         idx = rng.integers(0, n, n)
         boots[b] = stat(*(a[idx] for a in arrays))
     lo, hi = np.nanpercentile(boots, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return value, float(lo), float(hi)
+
+
+def skip_outputs(trace: dict) -> dict[str, np.ndarray]:
+    """Sec. 4: the post-attention [CLS] state and its parts, each (n, D).
+
+    ``standard`` = skip + attention output (the block's post-attention state); ``skip`` = the skip term only;
+    ``patch`` / ``reg`` / ``cls`` = the attention output restricted to that token type (projection bias kept).
+    """
+    k = knockout(trace, level="out")
+    skip = trace["skip"].astype(np.float64)
+    return {"standard": skip + k["full"], "skip": skip, "patch": k["patch"], "reg": k["reg"], "cls": k["cls"]}
+
+
+def layer_cosine(trace: dict) -> np.ndarray:
+    """Cosine of the [CLS] after every block to the last block's [CLS], per image: (n, L)."""
+    layers = trace["cls_layers"].astype(np.float64)
+    return cosine(layers, layers[:, -1:, :])
+
+
+def top_dims_mean(X: np.ndarray, k: int = 100, dims: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over images of |x| in the k dimensions largest on average (or the given ``dims``).
+
+    Returns ``(dims, means)``; pass the same ``dims`` to compare one token before and after a LayerNorm.
+    """
+    mean_abs = np.abs(np.asarray(X, dtype=np.float64)).mean(axis=0)
+    if dims is None:
+        dims = np.argsort(mean_abs)[::-1][:k]
+    return dims, mean_abs[dims]
+
+
+def highest_norm_token(trace: dict) -> dict:
+    """Which token has the highest norm entering the last block, per image, and by how much.
+
+    Returns ``{"token": (n,), "ratio": (n,) highest / second highest, "mode": the most frequent token,
+    "mode_fraction": fraction of images where it is the highest}``.
+    """
+    norms_ = trace["token_norms_penult"].astype(np.float64)
+    top2 = np.sort(norms_, axis=1)[:, -2:]
+    token = norms_.argmax(axis=1)
+    mode = int(np.bincount(token).argmax())
+    return {"token": token, "ratio": top2[:, 1] / top2[:, 0], "mode": mode,
+            "mode_fraction": float((token == mode).mean())}
+
+
+def oneshot_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One random training and one other random test image per class (classes with fewer than 2 skipped)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) >= 2:
+            a, b = rng.choice(idx, 2, replace=False)
+            train.append(a)
+            test.append(b)
+    return np.array(train), np.array(test)
+
+
+def topk_accuracy(scores: np.ndarray, classes: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Fraction of rows whose true class is among the k highest scores."""
+    k = min(k, scores.shape[1])
+    top = classes[np.argsort(scores, axis=1)[:, ::-1][:, :k]]
+    return float((top == y[:, None]).any(axis=1).mean())
+
+
+def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarray], test_y: np.ndarray,
+            classifier: str = "logreg", k: int = 5) -> dict[str, float]:
+    """Train on ``train_X`` (one image per class), test on every array of ``tests``; top-k accuracy.
+
+    ``classifier``: ``"logreg"`` (multinomial logistic regression on standardised features, the default)
+    or ``"ncm"`` (nearest class mean by cosine; with one image per class, nearest neighbour).
+    """
+    if classifier == "ncm":
+        W = train_X / np.linalg.norm(train_X, axis=1, keepdims=True)
+        return {name: topk_accuracy((X / np.linalg.norm(X, axis=1, keepdims=True)) @ W.T, train_y, test_y, k)
+                for name, X in tests.items()}
+    if classifier != "logreg":
+        raise ValueError("classifier is 'logreg' or 'ncm'")
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_X)
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_X), train_y)
+    return {name: topk_accuracy(clf.decision_function(scaler.transform(X)), clf.classes_, test_y, k)
+            for name, X in tests.items()}

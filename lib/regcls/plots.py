@@ -104,6 +104,25 @@ def run_box(profile: Profile, notebook: str):
     return HTML(_box("tip", "Run this chapter", body))
 
 
+def start_chapter(notebook: str) -> tuple[Profile, float]:
+    """A chapter's first cell: the profile, the book's style, the "Run this chapter" box and the banner.
+
+    Returns ``(profile, start_time)``; pass ``start_time`` to :func:`elapsed` in the last cell.
+    """
+    import time
+
+    from IPython.display import display
+
+    from .profiles import active_profile
+
+    start = time.time()
+    profile = active_profile(verbose=False)
+    setup()
+    display(run_box(profile, notebook))
+    display(banner(profile))
+    return profile, start
+
+
 def elapsed(start: float) -> str:
     """How long the chapter took, for its last cell."""
     import time

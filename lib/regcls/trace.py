@@ -17,6 +17,7 @@ key                                 shape         what
 ``cls_layers``                      (n, L, D)     [CLS] hidden state after every block (before final norm)
 ``prefix_penult`` / ``_ln``         (n, P, D)     prefix tokens entering the last block, raw / after norm1
 ``token_norms_penult``              (n, N)        L2 norm of every token entering the last block
+``patch_mean_penult``               (n, D)        mean of the patch tokens entering the last block
 ``cls_final``                       (n, D)        final [CLS] embedding (after the final norm)
 ==================================  ============  =====================================================
 
@@ -39,10 +40,10 @@ from . import __version__
 from .errors import RegclsError
 from .models import layout
 
-TRACE_SCHEMA = 1
+TRACE_SCHEMA = 2
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
              "attn_out_reg", "attn_out_patch", "attn_out_full", "skip", "cls_layers", "prefix_penult",
-             "prefix_penult_ln", "token_norms_penult", "cls_final")
+             "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "cls_final")
 PARTS = ("cls", "reg", "patch")
 
 
@@ -106,6 +107,7 @@ class Tracer:
             x = inp[0]
             self.rec["skip"] = x[:, 0]
             self.rec["prefix_penult"] = x[:, :P]
+            self.rec["patch_mean_penult"] = x[:, P:].mean(dim=1)
             self.rec["token_norms_penult"] = x.to(torch.promote_types(x.dtype, torch.float32)).norm(dim=-1)
 
         def on_last_norm1(_mod, _inp, out):

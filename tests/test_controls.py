@@ -1,0 +1,101 @@
+"""Positive and negative controls: every analysis must find what the planted models were built to show
+(see the expected values in regcls.planted), and must not find it in the negative control."""
+import numpy as np
+import pytest
+
+from regcls import metrics as M
+from regcls.cache import get_trace
+from regcls.planted import HIGH
+from regcls.probe import linear_probe
+
+
+@pytest.fixture(scope="module")
+def tr(smoke):
+    """Traces of the planted smoke models on the shipped images: tr(size, registers, labelled=False)."""
+    cache = {}
+
+    def get(size, registers, labelled=False):
+        key = (size, registers, labelled)
+        if key not in cache:
+            ds = smoke.labelled if labelled else smoke.dataset
+            cache[key] = get_trace(smoke.model(size, registers), ds, img_size=smoke.img_size, progress=False)
+        return cache[key]
+    return get
+
+
+POS_REG, NEG = ("g", True), ("S", True)     # register_reader, patch_integrator (with registers)
+POS_SKIP, NEG_NOREG = ("g", False), ("S", False)  # skip_dominated, patch_integrator (no registers)
+
+
+def test_smoke_sizes_are_the_planted_controls(smoke):
+    assert smoke.model("g", True).weights == "planted:register_reader"
+    assert smoke.model("g", False).weights == "planted:skip_dominated"
+    assert smoke.model("S", True).weights == smoke.model("S", False).weights == "planted:patch_integrator"
+
+
+def test_shares(tr):
+    pos, neg = M.shares(tr(*POS_REG)), M.shares(tr(*NEG))
+    assert pos["reg"].min() > 0.95
+    assert neg["patch"].min() > 0.9 and neg["reg"].max() < 0.1
+
+
+def test_knockout_cka(tr):
+    kp, kn = M.knockout(tr(*POS_REG)), M.knockout(tr(*NEG))
+    assert M.cka(kp["full"], kp["reg"]) > 0.95
+    assert M.cka(kp["full"], kp["patch"]) < M.cka(kp["full"], kp["reg"]) - 0.1
+    assert M.cka(kn["full"], kn["patch"]) > 0.95
+    assert M.cka(kn["full"], kn["patch"]) > M.cka(kp["full"], kp["patch"]) + 0.1
+    assert (M.norms(kp["patch"] - kp["patch"].mean(0)) < 0.1 * M.norms(kp["full"] - kp["full"].mean(0))).mean() > 0.9
+
+
+def test_skip_norms(tr):
+    pos, neg = tr(*POS_SKIP), tr(*NEG_NOREG)
+    assert (M.norms(pos["skip"]) > 10 * M.norms(pos["attn_out_patch"])).all()
+    assert np.median(M.norms(neg["attn_out_patch"])) > 2 * np.median(M.norms(neg["skip"]))
+
+
+def test_skip_cka(tr):
+    sp, sn = M.skip_outputs(tr(*POS_SKIP)), M.skip_outputs(tr(*NEG_NOREG))
+    assert M.cka(sp["standard"], sp["skip"]) > 0.99
+    assert M.cka(sn["standard"], sn["patch"]) > 0.95
+    assert M.cka(sn["standard"], sn["skip"]) < M.cka(sp["standard"], sp["skip"]) - 0.03
+
+
+def test_layer_cosine(tr):
+    assert M.layer_cosine(tr(*POS_SKIP))[:, -2].min() > 0.99
+    assert M.layer_cosine(tr(*NEG_NOREG))[:, -2].max() < 0.9
+
+
+def test_high_norm_register(tr):
+    pos, neg = tr(*POS_REG), tr(*NEG)
+    hp, hn = M.highest_norm_token(pos), M.highest_norm_token(neg)
+    assert hp["mode"] == 1 + HIGH and hp["mode_fraction"] == 1.0 and hp["ratio"].min() > 3
+    assert hn["mode_fraction"] < 0.5
+    X = pos["prefix_penult"][:, 1 + HIGH]
+    assert M.mean_pairwise_cosine(X) > 0.99
+    assert M.mean_pairwise_cosine(neg["prefix_penult"][:, 1 + HIGH]) < 0.95
+    dims, before = M.top_dims_mean(X, k=4)
+    _, after = M.top_dims_mean(pos["prefix_penult_ln"][:, 1 + HIGH], dims=dims)
+    assert (before > 10 * after).all()
+
+
+def test_probe_reads_class_from_seemingly_constant_register(tr):
+    lab = tr(*POS_REG, labelled=True)
+    res = linear_probe(lab["prefix_penult"][:, 1 + HIGH], lab["labels"])
+    assert res["accuracy"] > res["chance"] + 0.4
+    shuffled = np.random.default_rng(0).permutation(lab["labels"])
+    assert linear_probe(lab["prefix_penult"][:, 1 + HIGH], shuffled)["accuracy"] < res["accuracy"] - 0.3
+
+
+def test_oneshot(tr):
+    def accuracy(trace, part):
+        k, y = M.knockout(trace), trace["labels"]
+        accs = []
+        for seed in range(5):
+            a, b = M.oneshot_split(y, seed)
+            accs.append(M.oneshot(k["full"][a], y[a], {part: k[part][b]}, y[b], k=1)[part])
+        return np.mean(accs)
+    pos, neg = tr(*POS_REG, labelled=True), tr(*NEG, labelled=True)
+    chance = 1 / len(np.unique(pos["labels"]))
+    assert accuracy(pos, "patch") < chance + 0.15 < accuracy(pos, "reg") - 0.3
+    assert accuracy(neg, "patch") > chance + 0.4
