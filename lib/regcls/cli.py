@@ -25,7 +25,7 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .data import dataset_files, eval_config, image_store, list_images
+    from .data import dataset_files, eval_config, image_store, list_images, scan_images
     from .models import build, weights_id
     from .profiles import ModelSpec
     from .trace import run_trace, trace_meta
@@ -46,12 +46,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         files, ids, labels = dataset_files(args.dataset, args.limit)
         source = args.dataset
+    if args.strict:  # before any work: every file must decode
+        bad = scan_images(files, progress=not args.quiet)
+        if bad:
+            raise RegclsError(f"{len(bad)} unreadable image files (--strict): "
+                              + "; ".join(f"{Path(f).name} ({why})" for f, why in bad[:5])
+                              + (" ..." if len(bad) > 5 else ""))
     model = build(spec, args.img_size, args.checkpoint)
     geometry, mean, std = eval_config(model, args.img_size)
     store = image_store(files, ids, geometry, progress=not args.quiet)
-    if args.strict and store.skipped:
-        raise RegclsError(f"{len(store.skipped)} unreadable files (--strict): "
-                          + ", ".join(Path(f).name for f, _ in store.skipped[:5]))
     meta = trace_meta(model, model=spec.name, weights=weights_id(spec, args.checkpoint), dataset=source,
                       img_size=args.img_size, n_images=len(store), skipped=len(store.skipped), amp=args.amp,
                       model_spec=spec.describe(), mean=list(mean), std=list(std), geometry=geometry.key())
@@ -61,7 +64,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
         extra = {"labels": labels[[pos[i] for i in store.ids]]}
     out = run_trace(model, store.normalized(mean, std), store.ids, out=args.out, meta=meta, extra=extra,
                     batch_size=args.batch_size, device=args.device, amp=args.amp, progress=not args.quiet)
-    skipped = f", skipped {len(store.skipped)} unreadable files" if store.skipped else ""
+    for f, why in store.skipped:
+        print(f"skipped {f}: {why}", file=sys.stderr)
+    skipped = f"; skipped {len(store.skipped)} unreadable files (listed above)" if store.skipped else ""
     print(f"wrote {out}: {len(store)} images{skipped}")
     return 0
 
@@ -133,9 +138,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = parser().parse_args(argv)
-    warnings.filterwarnings("default", message="skipped ")
+    signal.signal(signal.SIGTERM, _terminate)  # same clean stop as Ctrl-C; finished batches are kept
+    warnings.filterwarnings("ignore", message="skipped ")  # printed as plain lines with the count instead
     try:
         return args.func(args)
     except RegclsError as e:

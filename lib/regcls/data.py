@@ -187,9 +187,14 @@ def make_shipped(name: str, crops_per_class: int = 10, seed: int = 0) -> Path:
 # --------------------------------------------------------------------------------- decoding
 
 def load_rgb(path: str | Path):
-    """Decode an image file as an RGB PIL image (grayscale, RGBA, palette, CMYK and 16-bit converted)."""
+    """Decode an image file as an RGB PIL image (grayscale, RGBA, palette, CMYK and 16-bit converted).
+
+    Transparent pixels are composited on white. Very large images are allowed (the decompression-bomb
+    guard is lifted: the files are the user's own).
+    """
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = None
     with Image.open(path) as im:
         im.load()
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -247,6 +252,19 @@ def _decode_one(args) -> tuple[np.ndarray | None, str | None]:
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), None
     except Exception as e:  # noqa: BLE001 -- reported by name and counted
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def scan_images(files: list[Path], progress: bool = True) -> list[tuple[str, str]]:
+    """Decode every file once, without resizing; returns ``(file, reason)`` for each unreadable one."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    for f in tqdm(files, unit="img", desc="check", disable=not progress):
+        try:
+            load_rgb(f)
+        except Exception as e:  # noqa: BLE001 -- reported by name
+            bad.append((str(f), f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+    return bad
 
 
 class ImageStore:

@@ -1,0 +1,100 @@
+"""Build the smoke book warning-free and open every page in headless Chromium: no console errors from the
+page itself, figures with a real size, the smoke banner, and a Colab button for that chapter's notebook."""
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("*.ipynb"))
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+# Console errors of the Jupyter Book 1.0 theme itself, the same on every page of every such book: the
+# sphinx-thebe configuration script is emitted twice (upstream), and the theme logs an empty stored colour
+# mode of a fresh browser profile. Anything else fails the test.
+THEME_NOISE = ("Identifier 'THEBE_JS_URL' has already been declared", "Got invalid theme mode")
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site():
+    env = {**os.environ, "REGCLS_PROFILE": "smoke", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(["make", "book", "PROFILE=smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, "book build failed or warned:\n" + (r.stdout + r.stderr)[-4000:]
+    html = ROOT / "_build" / "html"
+    handler = partial(QuietHandler, directory=str(html))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("chromium not installed (CI installs Debian's chromium: see .ci/run)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def test_toc_lists_every_chapter():
+    toc = (ROOT / "_toc.yml").read_text()
+    for stem in CHAPTERS:
+        assert f"chapters/{stem}" in toc
+
+
+def test_repository_url_is_configured_once_and_agrees():
+    import regcls
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    assert regcls.REPOSITORY == url
+    for nb in (ROOT / "chapters").glob("*.ipynb"):
+        assert f'"regcls @ git+{url}"' in nb.read_text().replace('\\"', '"'), nb.name
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_page(site, browser, chapter):
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda m: errors.append(m) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(e))
+    page.goto(f"{site}/chapters/{chapter}.html", wait_until="load")
+    # Offline, resources from other origins (the MathJax CDN) cannot load; errors of the page itself count.
+    own = [str(getattr(e, "text", e)) for e in errors
+           if not (getattr(e, "location", None) and not e.location.get("url", "").startswith(site))]
+    own = [e for e in own if not e.startswith(THEME_NOISE)]
+    assert own == [], own
+    sizes = page.eval_on_selector_all("main img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    if chapter != "summary_claims":
+        assert sizes and all(w > 100 and h > 100 for w, h in sizes), sizes
+    assert page.locator(".regcls-smoke-banner").count() == 1
+    colab = page.eval_on_selector_all("a[href*='colab.research.google.com']", "els => els.map(e => e.href)")
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"].split("github.com/")[1]
+    assert any(h.endswith(f"{url}/blob/main/chapters/{chapter}.ipynb") for h in colab), colab
+    page.close()
+
+
+def test_intro_draws_its_figure(site, browser):
+    page = browser.new_page()
+    page.goto(f"{site}/book/intro.html", wait_until="load")
+    sizes = page.eval_on_selector_all("main img", "els => els.map(e => e.naturalWidth)")
+    assert sizes and max(sizes) > 600  # the matplotlib figure of the patch integration assumption
+    page.close()
