@@ -104,7 +104,7 @@ def test_hub_weights_offline_fail_fast_with_advice():
 def test_profiles_name_real_timm_weights_and_datasets():
     pretrained = set(timm.list_pretrained())
     for prof in PROFILES.values():
-        for m in prof.models:
+        for m in prof.models + tuple(m for _, ms in prof.appendix for m in ms):
             assert timm.is_model(m.arch), m.arch
             if m.weights == "hub":
                 assert m.name in pretrained, m.name
@@ -162,3 +162,19 @@ def test_cache_returns_same_arrays_without_recomputing(monkeypatch, smoke):
     for k in ("cls_attn", "skip", "cls_final"):
         np.testing.assert_array_equal(first[k], again[k])
     assert json.dumps(first["meta"]) == json.dumps(again["meta"])
+
+
+def test_ibot_checkpoint_format_loads(tmp_path):
+    """iBOT's released teacher checkpoints: a 'state_dict' with 'module.backbone.' keys, a projection head and
+    a mask embedding. Tested on random weights in that key format (the real files cannot be fetched offline)."""
+    torch.manual_seed(0)
+    arch, over = "vit_small_patch16_224", dict(embed_dim=48, depth=2, num_heads=3)
+    ref = create(arch, pretrained=False, img_size=48, overrides=over)
+    sd = {f"module.backbone.{k}": v for k, v in ref.state_dict().items()}
+    sd["module.backbone.masked_embed"] = torch.zeros(48)
+    sd["module.head.mlp.0.weight"] = torch.zeros(8, 48)
+    torch.save({"state_dict": sd, "epoch": 800}, tmp_path / "ibot.pth")
+    m = create(arch, pretrained=False, img_size=48, overrides=over)
+    load_checkpoint(m, tmp_path / "ibot.pth")
+    x = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(trace_batch(m, x)["cls_final"], trace_batch(ref, x)["cls_final"])

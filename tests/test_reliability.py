@@ -235,3 +235,20 @@ def test_download_with_bad_checksum_is_refused(server, tmp_path, monkeypatch):
         download("coco-val2017", progress=False)
     assert (tmp_path / "data" / "val2017.zip.bad").is_file()
     assert not (tmp_path / "data" / "val2017").exists()
+
+
+def test_shards_merge_into_a_single_run(many_images, uninterrupted, tmp_path):
+    args = ["trace", *ARCH_ARGS, "--images", str(many_images), "--batch-size", "2"]
+    shards = []
+    for i in range(3):
+        out = tmp_path / f"s{i}.npz"
+        assert run_cli(*args, "--shard", f"{i}/3", "--out", str(out)).returncode == 0
+        shards.append(str(out))
+    r = run_cli("merge", *shards, "--out", str(tmp_path / "m.npz"))
+    assert r.returncode == 0, r.stderr
+    a, b = np.load(uninterrupted), np.load(tmp_path / "m.npz")
+    assert list(a["image_ids"]) == list(b["image_ids"])
+    for k in a.files:
+        if a[k].dtype.kind == "f":
+            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    assert run_cli("merge", shards[0], shards[0], "--out", str(tmp_path / "x.npz")).returncode == 2

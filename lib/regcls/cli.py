@@ -28,7 +28,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .data import dataset_files, eval_config, image_store, list_images, scan_images
     from .models import build, weights_id
     from .profiles import ModelSpec
-    from .trace import run_trace, trace_meta
+    from .trace import run_trace, shard_range, trace_meta
 
     if (args.images is None) == (args.dataset is None):
         raise RegclsError("give exactly one of --images DIR and --dataset NAME")
@@ -46,6 +46,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         files, ids, labels = dataset_files(args.dataset, args.limit)
         source = args.dataset
+    if args.shard:
+        a, b = shard_range(len(files), args.shard)
+        files, ids = files[a:b], ids[a:b]
+        labels = labels[a:b] if labels is not None else None
     if args.strict:  # before any work: every file must decode
         bad = scan_images(files, progress=not args.quiet)
         if bad:
@@ -57,7 +61,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     store = image_store(files, ids, geometry, progress=not args.quiet)
     meta = trace_meta(model, model=spec.name, weights=weights_id(spec, args.checkpoint), dataset=source,
                       img_size=args.img_size, n_images=len(store), skipped=len(store.skipped), amp=args.amp,
-                      model_spec=spec.describe(), mean=list(mean), std=list(std), geometry=geometry.key())
+                      model_spec=spec.describe(), mean=list(mean), std=list(std), geometry=geometry.key(),
+                      shard=args.shard)
     extra = None
     if labels is not None:
         pos = {i: k for k, i in enumerate(ids)}
@@ -68,6 +73,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(f"skipped {f}: {why}", file=sys.stderr)
     skipped = f"; skipped {len(store.skipped)} unreadable files (listed above)" if store.skipped else ""
     print(f"wrote {out}: {len(store)} images{skipped}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .trace import merge_traces
+
+    out = merge_traces(args.shards, args.out)
+    print(f"wrote {out} from {len(args.shards)} shards")
     return 0
 
 
@@ -125,8 +138,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     t.add_argument("--strict", action="store_true", help="any unreadable image is an error")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--shard", help="i/k: trace only the i-th of k contiguous parts (0-based); merge with 'regcls merge'")
     t.add_argument("--out", required=True, help="trace file to write (.npz)")
     t.set_defaults(func=cmd_trace)
+    m = sub.add_parser("merge", help="merge shard traces into one file")
+    m.add_argument("shards", nargs="+", help="shard trace files, in shard order")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
     d = sub.add_parser("data", help="datasets: list, download")
     d.add_argument("action", choices=["download", "list"])
     d.add_argument("names", nargs="*")

@@ -106,7 +106,8 @@ def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file, read safely (safetensors, or ``torch.load(weights_only=True)``).
 
-    Unwraps the usual containers (``model``, ``state_dict``, ``teacher``) and DDP ``module.`` prefixes.
+    Unwraps the usual containers (``model``, ``state_dict``, ``teacher``), DDP ``module.`` prefixes and the
+    ``backbone.`` of DINO/iBOT checkpoints (their projection heads are dropped).
     """
     path = Path(path)
     if not path.is_file():
@@ -125,9 +126,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RegclsError(f"checkpoint {path} holds no state dict of tensors")
-    for prefix in ("module.", "backbone."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # DINO/iBOT: keep the backbone, drop projection heads
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 
@@ -145,6 +147,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     except Exception as e:  # noqa: BLE001
         raise RegclsError(f"checkpoint {path} does not fit {type(model).__name__}: {e}") from None
     sd = {k: v for k, v in sd.items() if not (k.startswith("head.") and isinstance(model.head, nn.Identity))}
+    sd.pop("masked_embed", None)  # iBOT's mask token (unused at inference)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -173,6 +176,8 @@ def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) 
     if kind == "random":
         torch.manual_seed(int(arg or 0))
         return create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
+    if kind == "checkpoint":
+        return build(ModelSpec(spec.size, spec.arch, overrides=spec.overrides), img_size, checkpoint_path(arg))
     if kind == "planted":
         from .planted import plant
         model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
@@ -180,8 +185,22 @@ def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) 
     raise RegclsError(f"unknown weights {spec.weights!r} for {spec.name}")
 
 
+def checkpoint_path(name: str) -> Path:
+    """A checkpoint file named in a profile: absolute, or under ``REGCLS_CHECKPOINTS`` (default
+    ``~/.cache/regcls/checkpoints``)."""
+    path = Path(name)
+    if not path.is_absolute():
+        path = Path(os.environ.get("REGCLS_CHECKPOINTS", Path.home() / ".cache" / "regcls" / "checkpoints")) / name
+    if not path.is_file():
+        raise RegclsError(f"checkpoint {path} is missing: download the official file and put it there "
+                          "(or set REGCLS_CHECKPOINTS to its folder)")
+    return path
+
+
 def weights_id(spec: ModelSpec, checkpoint: str | Path | None = None) -> str:
     """What identifies the weights in result files and cache keys."""
+    if checkpoint is None and spec.weights.startswith("checkpoint:"):
+        checkpoint = checkpoint_path(spec.weights.split(":", 1)[1])
     if checkpoint is not None:
         import hashlib
         h = hashlib.sha256()

@@ -98,20 +98,21 @@ class Tracer:
                         self.rec[f"attn_val_{name}"] = val.flatten(1)
             return hook
 
+        # Slices are cloned: a view would keep the whole (B, N, D) activation of its block alive.
         def on_block(i):
             def hook(_mod, _inp, out):
-                cls_layers[i] = out[:, 0]
+                cls_layers[i] = out[:, 0].clone()
             return hook
 
         def on_last_in(_mod, inp):
             x = inp[0]
-            self.rec["skip"] = x[:, 0]
-            self.rec["prefix_penult"] = x[:, :P]
+            self.rec["skip"] = x[:, 0].clone()
+            self.rec["prefix_penult"] = x[:, :P].clone()
             self.rec["patch_mean_penult"] = x[:, P:].mean(dim=1)
             self.rec["token_norms_penult"] = x.to(torch.promote_types(x.dtype, torch.float32)).norm(dim=-1)
 
         def on_last_norm1(_mod, _inp, out):
-            self.rec["prefix_penult_ln"] = out[:, :P]
+            self.rec["prefix_penult_ln"] = out[:, :P].clone()
 
         for i, blk in enumerate(blocks):
             self.handles.append(blk.attn.qkv.register_forward_hook(on_qkv(i)))
@@ -131,7 +132,8 @@ class Tracer:
         self.rec = {}
         feats = self.model.forward_features(images)
         rec = self.rec
-        rec["cls_final"] = feats[:, 0]
+        rec["cls_final"] = feats[:, 0].clone()
+        del feats
         rec["attn_mass"] = torch.stack(self._mass, dim=1)       # (B, L, H, 3)
         rec["cls_layers"] = torch.stack(self._layers, dim=1)    # (B, L, D)
         last = self.model.blocks[-1]
@@ -207,6 +209,43 @@ def load_trace(path: str | Path) -> dict:
         raise RegclsError(f"trace {path} has schema {tr['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}; "
                           "delete it to recompute")
     return tr
+
+
+def shard_range(n: int, shard: str) -> tuple[int, int]:
+    """Image range ``[start, stop)`` of shard ``"i/k"`` (0-based) of n images: contiguous, sizes differ by <= 1."""
+    try:
+        i, k = (int(v) for v in shard.split("/"))
+        assert 0 <= i < k
+    except (ValueError, AssertionError):
+        raise RegclsError(f"--shard expects i/k with 0 <= i < k, got {shard!r}") from None
+    return i * n // k, (i + 1) * n // k
+
+
+def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
+    """Concatenate shard traces (in the given order) into one file equal to a single run over all images."""
+    traces = [load_trace(p) for p in paths]
+    if not traces:
+        raise RegclsError("nothing to merge")
+    first = {k: v for k, v in traces[0]["meta"].items() if k not in ("n_images", "skipped", "shard")}
+    for p, t in zip(paths, traces):
+        meta = {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard")}
+        if meta != first:
+            diff = sorted(k for k in set(meta) | set(first) if meta.get(k) != first.get(k))
+            raise RegclsError(f"{p} was traced with other settings ({', '.join(diff)}) and cannot be merged")
+        if not np.array_equal(t["attn_out_bias"], traces[0]["attn_out_bias"]):
+            raise RegclsError(f"{p} comes from other weights and cannot be merged")
+    arrays = {k: np.concatenate([t[k] for t in traces]) for k in PER_IMAGE}
+    arrays["attn_out_bias"] = traces[0]["attn_out_bias"]
+    arrays["image_ids"] = np.concatenate([t["image_ids"] for t in traces])
+    if "labels" in traces[0]:
+        arrays["labels"] = np.concatenate([t["labels"] for t in traces])
+    if len(set(arrays["image_ids"].tolist())) != len(arrays["image_ids"]):
+        raise RegclsError("the shards overlap (an image appears twice)")
+    meta = {**first, "n_images": len(arrays["image_ids"]), "skipped": sum(t["meta"].get("skipped", 0) for t in traces)}
+    meta.pop("regcls_version", None)
+    meta.pop("trace_schema", None)
+    save_trace(out, arrays, meta)
+    return Path(out)
 
 
 def trace_meta(net: nn.Module, **meta) -> dict:
