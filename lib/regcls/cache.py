@@ -30,7 +30,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     from .models import build, weights_id
     from .trace import TRACE_SCHEMA, load_trace, run_trace, trace_meta
 
-    files, ids, labels = dataset_files(dataset, limit)
+    files, ids, labels = dataset_files(dataset, limit, download=True)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
             "img_size": img_size, "amp": amp, "schema": TRACE_SCHEMA,

@@ -74,13 +74,22 @@ def list_images(folder: str | Path, labelled: bool = False) -> list[Path]:
     return files
 
 
-def dataset_folder(name: str) -> Path:
-    """The unpacked folder of a dataset; shipped ones are generated on first use."""
+def dataset_folder(name: str, download: bool = False) -> Path:
+    """The unpacked folder of a dataset; shipped ones are generated on first use.
+
+    With ``download``, a missing downloadable dataset is fetched when the network answers (the chapters do
+    this; the CLI asks for ``regcls data download`` instead).
+    """
     if name in SHIPPED:
         return make_shipped(name)
     if name not in DATASETS:
         raise RegclsError(f"unknown dataset {name!r}; known: {', '.join([*SHIPPED, *DATASETS])}")
     folder = data_root() / DATASETS[name].folder
+    if not folder.is_dir() and download:
+        from .download import download as fetch_dataset
+        from .profiles import hub_reachable
+        if hub_reachable():
+            return fetch_dataset(name)
     if not folder.is_dir():
         raise RegclsError(f"dataset {name} is not downloaded (looked in {folder}); run: "
                           f"regcls data download {name}   (or set REGCLS_DATA to where it is)")
@@ -91,13 +100,14 @@ def is_labelled(name: str) -> bool:
     return name == "samples-crops" or (name in DATASETS and DATASETS[name].labelled)
 
 
-def dataset_files(name: str, limit: int | None = None) -> tuple[list[Path], list[str], np.ndarray | None]:
+def dataset_files(name: str, limit: int | None = None,
+                  download: bool = False) -> tuple[list[Path], list[str], np.ndarray | None]:
     """Files, ids (paths relative to the dataset folder) and integer labels (or None) of a dataset.
 
     ``limit`` keeps the first ``limit`` files in sorted order (for labelled sets: the first
     ``ceil(limit / classes)`` files of every class, so every class stays).
     """
-    folder = dataset_folder(name)
+    folder = dataset_folder(name, download=download)
     labelled = is_labelled(name)
     files = list_images(folder, labelled=labelled)
     labels = None
