@@ -99,3 +99,11 @@ def test_oneshot(tr):
     chance = 1 / len(np.unique(pos["labels"]))
     assert accuracy(pos, "patch") < chance + 0.15 < accuracy(pos, "reg") - 0.3
     assert accuracy(neg, "patch") > chance + 0.4
+
+
+def test_attention_maps_hold_the_patch_share(tr):
+    for size, reg in (POS_REG, NEG, POS_SKIP):
+        t = tr(size, reg)
+        maps = M.attention_maps(t)
+        assert maps.shape[1:] == tuple(int(v) for v in t["grid"])
+        np.testing.assert_allclose(maps.sum(axis=(1, 2)), M.shares(t)["patch"], rtol=1e-4)

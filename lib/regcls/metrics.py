@@ -210,3 +210,10 @@ def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarra
     clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_X), train_y)
     return {name: topk_accuracy(clf.decision_function(scaler.transform(X)), clf.classes_, test_y, k)
             for name, X in tests.items()}
+
+
+def attention_maps(trace: dict) -> np.ndarray:
+    """Last-block [CLS] attention over the patch grid, averaged over heads: (n, rows, cols)."""
+    P = int(trace["num_prefix_tokens"])
+    rows, cols = (int(v) for v in trace["grid"])
+    return trace["cls_attn"][:, :, P:].mean(axis=1).reshape(-1, rows, cols)

@@ -128,3 +128,21 @@ def elapsed(start: float) -> str:
     import time
 
     return f"This chapter took {time.time() - start:.0f} s on {hardware()}."
+
+
+def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], parts: tuple[str, ...],
+                  xlabels: dict[str, str] | None = None) -> None:
+    """Grouped bars of ``(value, low, high)`` per model size and part, with 95% interval whiskers.
+
+    ``stats[size][part]`` as :func:`regcls.metrics.bootstrap_ci` returns it; colours by part.
+    """
+    sizes = list(stats)
+    width = 0.8 / len(parts)
+    for j, part in enumerate(parts):
+        v = np.array([stats[s][part] for s in sizes], dtype=float)
+        x = np.arange(len(sizes)) + (j - (len(parts) - 1) / 2) * width
+        ax.bar(x, v[:, 0], width=width, color=PART_COLORS.get(part, "#444"), label=f"{PART_NAMES.get(part, part)} only")
+        if np.isfinite(v[:, 1:]).all():
+            ax.errorbar(x, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt="none", color="k", lw=1)
+    ax.set_xticks(range(len(sizes)), [(xlabels or {}).get(s, s) for s in sizes])
+    ax.set_xlabel("model size")
