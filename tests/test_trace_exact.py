@@ -110,6 +110,9 @@ def test_penultimate_tokens(case):
     close(tr["prefix_penult_ln"], model.blocks[-1].norm1(xin)[:, :P])
     close(tr["token_norms_penult"], xin.norm(dim=-1))
     close(tr["patch_mean_penult"], xin[:, P:].mean(dim=1))
+    from regcls.trace import patch_sample_index
+    idx = patch_sample_index(xin.shape[1] - P)
+    close(tr["patch_sample_penult"], xin[:, P + idx])
 
 
 def test_shapes(case):

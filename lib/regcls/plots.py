@@ -146,3 +146,20 @@ def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], p
             ax.errorbar(x, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt="none", color="k", lw=1)
     ax.set_xticks(range(len(sizes)), [(xlabels or {}).get(s, s) for s in sizes])
     ax.set_xlabel("model size")
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """myst-nb's glue where the book is built; nothing elsewhere (Colab needs no Sphinx)."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return
+    _glue(name, value, display=display)
+
+
+def finish(start: float) -> str:
+    """A chapter's last cell: glue the run time (shown at the top of the page) and say it."""
+    import time
+
+    glue("run_seconds", time.time() - start)
+    return elapsed(start)

@@ -18,6 +18,8 @@ key                                 shape         what
 ``prefix_penult`` / ``_ln``         (n, P, D)     prefix tokens entering the last block, raw / after norm1
 ``token_norms_penult``              (n, N)        L2 norm of every token entering the last block
 ``patch_mean_penult``               (n, D)        mean of the patch tokens entering the last block
+``patch_sample_penult``             (n, K, D)     K = 8 patch tokens entering the last block, at the fixed
+                                                  grid positions ``patch_sample_index`` (for position probes)
 ``cls_final``                       (n, D)        final [CLS] embedding (after the final norm)
 ==================================  ============  =====================================================
 
@@ -40,10 +42,16 @@ from . import __version__
 from .errors import RegclsError
 from .models import layout
 
-TRACE_SCHEMA = 2
+TRACE_SCHEMA = 3
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
              "attn_out_reg", "attn_out_patch", "attn_out_full", "skip", "cls_layers", "prefix_penult",
-             "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "cls_final")
+             "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "patch_sample_penult", "cls_final")
+N_PATCH_SAMPLE = 8
+
+
+def patch_sample_index(num_patches: int, k: int = N_PATCH_SAMPLE) -> np.ndarray:
+    """K patch indices (raster order) spread evenly over the grid, the same for every image."""
+    return np.unique(np.linspace(0, num_patches - 1, min(k, num_patches)).round().astype(int))
 PARTS = ("cls", "reg", "patch")
 
 
@@ -109,6 +117,8 @@ class Tracer:
             self.rec["skip"] = x[:, 0].clone()
             self.rec["prefix_penult"] = x[:, :P].clone()
             self.rec["patch_mean_penult"] = x[:, P:].mean(dim=1)
+            idx = torch.as_tensor(patch_sample_index(x.shape[1] - P) + P, device=x.device)
+            self.rec["patch_sample_penult"] = x[:, idx].clone()
             self.rec["token_norms_penult"] = x.to(torch.promote_types(x.dtype, torch.float32)).norm(dim=-1)
 
         def on_last_norm1(_mod, _inp, out):
@@ -252,6 +262,7 @@ def trace_meta(net: nn.Module, **meta) -> dict:
     """Metadata from the network's layout plus what the caller knows (model name, weights, dataset ...)."""
     lay = layout(net)
     return {"num_prefix_tokens": lay.num_prefix, "num_registers": lay.num_registers, "grid": list(lay.grid),
+            "patch_sample_index": patch_sample_index(lay.grid[0] * lay.grid[1]).tolist(),
             "depth": lay.depth, "heads": lay.heads, "dim": lay.dim, **meta}
 
 
