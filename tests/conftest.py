@@ -7,7 +7,6 @@ os.environ.setdefault("REGCLS_PROFILE", "smoke")
 _tmp = tempfile.mkdtemp(prefix="regcls-test-")
 os.environ.setdefault("REGCLS_CACHE", os.path.join(_tmp, "cache"))
 os.environ.setdefault("REGCLS_DATA", os.path.join(_tmp, "data"))
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

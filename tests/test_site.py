@@ -16,6 +16,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("*.ipynb"))
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+FIGURES = {"sec3_1_register_attention": 3, "sec3_2_register_norms": 1, "sec3_3_register_knockout": 2,
+           "sec3_4_attention_maps": 2, "sec4_1_skip_connection": 4, "controls": 1, "appendix_other_recipes": 1}
 
 
 # Console errors of the Jupyter Book 1.0 theme itself, the same on every page of every such book: the
@@ -31,7 +33,8 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site():
-    env = {**os.environ, "REGCLS_PROFILE": "smoke", "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernels must use the inline backend
+    env.update(REGCLS_PROFILE="smoke", HF_HUB_OFFLINE="1")
     r = subprocess.run(["make", "book", "PROFILE=smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=1800)
     assert r.returncode == 0, "book build failed or warned:\n" + (r.stdout + r.stderr)[-4000:]
@@ -82,9 +85,9 @@ def test_chapter_page(site, browser, chapter):
            if not (getattr(e, "location", None) and not e.location.get("url", "").startswith(site))]
     own = [e for e in own if not e.startswith(THEME_NOISE)]
     assert own == [], own
-    sizes = page.eval_on_selector_all("main img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
-    if chapter != "summary_claims":
-        assert sizes and all(w > 100 and h > 100 for w, h in sizes), sizes
+    sizes = page.eval_on_selector_all(".cell_output img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    if chapter != "summary_claims":  # every computed figure has loaded with a real size
+        assert len(sizes) >= FIGURES.get(chapter, 1) and all(w > 200 and h > 150 for w, h in sizes), sizes
     assert page.locator(".regcls-smoke-banner").count() == 1
     colab = page.eval_on_selector_all("a[href*='colab.research.google.com']", "els => els.map(e => e.href)")
     url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"].split("github.com/")[1]
@@ -95,6 +98,6 @@ def test_chapter_page(site, browser, chapter):
 def test_intro_draws_its_figure(site, browser):
     page = browser.new_page()
     page.goto(f"{site}/book/intro.html", wait_until="load")
-    sizes = page.eval_on_selector_all("main img", "els => els.map(e => e.naturalWidth)")
+    sizes = page.eval_on_selector_all(".cell_output img", "els => els.map(e => e.naturalWidth)")
     assert sizes and max(sizes) > 600  # the matplotlib figure of the patch integration assumption
     page.close()
