@@ -26,9 +26,9 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
               checkpoint: str | Path | None = None, batch_size: int = 16, device: str = "cpu",
               amp: bool = False, progress: bool = True) -> dict:
     """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives."""
-    from .data import dataset_files, eval_config, image_store
+    from .data import dataset_files
     from .models import build, weights_id
-    from .trace import TRACE_SCHEMA, load_trace, run_trace, trace_meta
+    from .trace import TRACE_SCHEMA, load_trace, trace_files
 
     files, ids, labels = dataset_files(dataset, limit, download=True)
     wid = weights_id(spec, checkpoint)
@@ -39,17 +39,9 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     if path.is_file():
         return load_trace(path)
     model = build(spec, img_size, checkpoint)
-    geometry, mean, std = eval_config(model, img_size)
-    store = image_store(files, ids, geometry, cache=cache_dir() / "stores" / dataset, progress=progress)
-    meta = trace_meta(model, model=spec.name, weights=wid, dataset=dataset, img_size=img_size,
-                      n_images=len(store), skipped=len(store.skipped), amp=amp, model_spec=spec.describe(),
-                      mean=list(mean), std=list(std), geometry=geometry.key())
-    extra = None
-    if labels is not None:
-        keep = {i: k for k, i in enumerate(ids)}
-        extra = {"labels": labels[[keep[i] for i in store.ids]]}
-    run_trace(model, store.normalized(mean, std), store.ids, out=path, meta=meta, extra=extra,
-              batch_size=batch_size, device=device, amp=amp, progress=progress)
+    trace_files(model, files, ids, labels, out=path, img_size=img_size, batch_size=batch_size, device=device,
+                amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset,
+                meta={"model": spec.name, "weights": wid, "dataset": dataset, "model_spec": spec.describe()})
     return load_trace(path)
 
 

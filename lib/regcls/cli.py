@@ -25,10 +25,10 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .data import dataset_files, eval_config, image_store, list_images, scan_images
+    from .data import dataset_files, list_images, scan_images
     from .models import build, weights_id
     from .profiles import ModelSpec
-    from .trace import run_trace, shard_range, trace_meta
+    from .trace import shard_range, trace_files
 
     if (args.images is None) == (args.dataset is None):
         raise RegclsError("give exactly one of --images DIR and --dataset NAME")
@@ -57,18 +57,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
                               + "; ".join(f"{Path(f).name} ({why})" for f, why in bad[:5])
                               + (" ..." if len(bad) > 5 else ""))
     model = build(spec, args.img_size, args.checkpoint)
-    geometry, mean, std = eval_config(model, args.img_size)
-    store = image_store(files, ids, geometry, progress=not args.quiet)
-    meta = trace_meta(model, model=spec.name, weights=weights_id(spec, args.checkpoint), dataset=source,
-                      img_size=args.img_size, n_images=len(store), skipped=len(store.skipped), amp=args.amp,
-                      model_spec=spec.describe(), mean=list(mean), std=list(std), geometry=geometry.key(),
-                      shard=args.shard)
-    extra = None
-    if labels is not None:
-        pos = {i: k for k, i in enumerate(ids)}
-        extra = {"labels": labels[[pos[i] for i in store.ids]]}
-    out = run_trace(model, store.normalized(mean, std), store.ids, out=args.out, meta=meta, extra=extra,
-                    batch_size=args.batch_size, device=args.device, amp=args.amp, progress=not args.quiet)
+    store = trace_files(model, files, ids, labels, out=args.out, img_size=args.img_size, batch_size=args.batch_size,
+                        device=args.device, amp=args.amp, progress=not args.quiet,
+                        meta={"model": spec.name, "weights": weights_id(spec, args.checkpoint), "dataset": source,
+                              "model_spec": spec.describe(), "shard": args.shard})
+    out = Path(args.out)
     for f, why in store.skipped:
         print(f"skipped {f}: {why}", file=sys.stderr)
     skipped = f"; skipped {len(store.skipped)} unreadable files (listed above)" if store.skipped else ""

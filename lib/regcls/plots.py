@@ -24,9 +24,8 @@ def setup() -> None:
 
 
 def size_label(size: str, registers: bool | None = None) -> str:
-    """``"g"`` -> ``"giant"``-style axis label, with ``+reg`` when asked."""
-    names = {"S": "S", "B": "B", "L": "L", "g": "g"}
-    return names[size] + ("+reg" if registers else "")
+    """Axis label of a model size, ``"g"`` or ``"g+reg"``."""
+    return size + ("+reg" if registers else "")
 
 
 def order(sizes) -> list[str]:

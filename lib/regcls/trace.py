@@ -329,6 +329,29 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
     return out
 
 
+def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarray | None, *, out: str | Path,
+                meta: dict, img_size: int, batch_size: int = 16, device: str = "cpu", amp: bool = False,
+                progress: bool = True, store_cache: str | Path | None = None):
+    """Decode image files with the model's eval transform and trace them into ``out``.
+
+    ``meta`` names the model, weights and dataset; the preprocessing, the image count and the skipped files
+    are added here. Returns the image store (its ``skipped`` lists unreadable files).
+    """
+    from .data import eval_config, image_store
+
+    geometry, mean, std = eval_config(model, img_size)
+    store = image_store(files, ids, geometry, cache=store_cache, progress=progress)
+    meta = trace_meta(model, img_size=img_size, n_images=len(store), skipped=len(store.skipped), amp=amp,
+                      mean=list(mean), std=list(std), geometry=geometry.key(), **meta)
+    extra = None
+    if labels is not None:
+        pos = {i: k for k, i in enumerate(ids)}
+        extra = {"labels": np.asarray(labels)[[pos[i] for i in store.ids]]}
+    run_trace(model, store.normalized(mean, std), store.ids, out=out, meta=meta, extra=extra,
+              batch_size=batch_size, device=device, amp=amp, progress=progress)
+    return store
+
+
 def _hash_ids(ids: list[str]) -> str:
     import hashlib
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
