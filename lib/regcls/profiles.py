@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import RegclsError
 
 SIZES = ("S", "B", "L", "g")  # the paper's order
 SIZE_NAMES = {"S": "small", "B": "base", "L": "large", "g": "giant"}
-DINOV2_PARAMS = {"S": "21M", "B": "86M", "L": "300M", "g": "1.1B"}  # parameter counts the paper gives
 
 
 @dataclass(frozen=True)
@@ -51,10 +50,6 @@ class ModelSpec:
         """Short label for figures: ``L+reg`` or ``L``."""
         return self.size + ("+reg" if self.registers else "")
 
-    @property
-    def family(self) -> str:
-        return self.arch.split("_patch")[0].replace("vit_", "").rstrip("_")
-
     def describe(self) -> dict:
         """Plain-data record for result files."""
         return {"size": self.size, "arch": self.arch, "name": self.name, "weights": self.weights,
@@ -78,7 +73,6 @@ class Profile:
     appendix: tuple[tuple[str, tuple[ModelSpec, ...]], ...] = ()  # (family, models small to large)
     oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
     def models_with(self, registers: bool) -> list[ModelSpec]:
         """The profile's models with (or without) registers, in the paper's size order."""
