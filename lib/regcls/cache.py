@@ -30,6 +30,12 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     from .models import build, weights_id
     from .trace import TRACE_SCHEMA, load_trace, trace_files
 
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            import warnings
+            warnings.warn("no CUDA device: tracing on the CPU, which is slow for the large models", stacklevel=2)
+            device, amp = "cpu", False
     files, ids, labels = dataset_files(dataset, limit, download=True)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
@@ -38,12 +44,6 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{content_key(desc)}.npz"
     if path.is_file():
         return load_trace(path)
-    if device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            import warnings
-            warnings.warn("no CUDA device: tracing on the CPU, which is slow for the large models", stacklevel=2)
-            device, amp = "cpu", False
     model = build(spec, img_size, checkpoint)
     trace_files(model, files, ids, labels, out=path, img_size=img_size, batch_size=batch_size, device=device,
                 amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset,
