@@ -3,6 +3,7 @@ and describe its token layout ``[CLS, register_1..R, patch_1..P]``."""
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,10 +203,19 @@ def weights_id(spec: ModelSpec, checkpoint: str | Path | None = None) -> str:
     if checkpoint is None and spec.weights.startswith("checkpoint:"):
         checkpoint = checkpoint_path(spec.weights.split(":", 1)[1])
     if checkpoint is not None:
-        import hashlib
-        h = hashlib.sha256()
-        with open(checkpoint, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return f"checkpoint:{Path(checkpoint).name}:sha256={h.hexdigest()[:16]}"
+        path = Path(checkpoint).resolve()
+        st = path.stat()
+        return f"checkpoint:{path.name}:sha256={_file_digest(path, st.st_size, st.st_mtime_ns)}"
     return f"hub:{spec.name}" if spec.weights == "hub" else spec.weights
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """SHA-256 (16 hex digits) of a file, read once per (path, size, mtime) in a process: weights are large."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
