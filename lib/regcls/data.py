@@ -255,13 +255,19 @@ def eval_config(model, img_size: int) -> tuple[Geometry, tuple[float, ...], tupl
     return geo, tuple(cfg["mean"]), tuple(cfg["std"])
 
 
+def _reason(e: Exception) -> str:
+    """Why a file could not be read, in one short line."""
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
 def _decode_one(args) -> tuple[np.ndarray | None, str | None]:
     path, geometry = args
     try:
         img = geometry.transform()(load_rgb(path))
         return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy(), None
     except Exception as e:  # noqa: BLE001 -- reported by name and counted
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        return None, _reason(e)
 
 
 def scan_images(files: list[Path], progress: bool = True) -> list[tuple[str, str]]:
@@ -273,7 +279,7 @@ def scan_images(files: list[Path], progress: bool = True) -> list[tuple[str, str
         try:
             load_rgb(f)
         except Exception as e:  # noqa: BLE001 -- reported by name
-            bad.append((str(f), f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"))
+            bad.append((str(f), _reason(e)))
     return bad
 
 

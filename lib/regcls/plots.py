@@ -99,14 +99,14 @@ def run_box(profile: Profile, notebook: str):
     colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
     body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '
             f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
-            f"is at the end of the page. Another profile: set <code>REGCLS_PROFILE</code> before the first cell.")
+            f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell.")
     return HTML(_box("tip", "Run this chapter", body))
 
 
 def start_chapter(notebook: str) -> tuple[Profile, float]:
     """A chapter's first cell: the profile, the book's style, the "Run this chapter" box and the banner.
 
-    Returns ``(profile, start_time)``; pass ``start_time`` to :func:`elapsed` in the last cell.
+    Returns ``(profile, start_time)``; pass ``start_time`` to :func:`finish` in the last cell.
     """
     import time
 
@@ -120,13 +120,6 @@ def start_chapter(notebook: str) -> tuple[Profile, float]:
     display(run_box(profile, notebook))
     display(banner(profile))
     return profile, start
-
-
-def elapsed(start: float) -> str:
-    """How long the chapter took, for its last cell."""
-    import time
-
-    return f"This chapter took {time.time() - start:.0f} s on {hardware()}."
 
 
 def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], parts: tuple[str, ...],
@@ -160,5 +153,6 @@ def finish(start: float) -> str:
     """A chapter's last cell: glue the run time (shown at the top of the page) and say it."""
     import time
 
-    glue("run_seconds", time.time() - start)
-    return elapsed(start)
+    seconds = time.time() - start
+    glue("run_seconds", seconds)
+    return f"This chapter took {seconds:.0f} s on {hardware()}."

@@ -46,13 +46,13 @@ TRACE_SCHEMA = 3
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
              "attn_out_reg", "attn_out_patch", "attn_out_full", "skip", "cls_layers", "prefix_penult",
              "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "patch_sample_penult", "cls_final")
+PARTS = ("cls", "reg", "patch")
 N_PATCH_SAMPLE = 8
 
 
 def patch_sample_index(num_patches: int, k: int = N_PATCH_SAMPLE) -> np.ndarray:
     """K patch indices (raster order) spread evenly over the grid, the same for every image."""
     return np.unique(np.linspace(0, num_patches - 1, min(k, num_patches)).round().astype(int))
-PARTS = ("cls", "reg", "patch")
 
 
 def _cls_row(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +236,13 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
     traces = [load_trace(p) for p in paths]
     if not traces:
         raise RegclsError("nothing to merge")
-    first = {k: v for k, v in traces[0]["meta"].items() if k not in ("n_images", "skipped", "shard")}
+
+    def settings(t: dict) -> dict:  # what must agree between shards
+        return {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard")}
+
+    first = settings(traces[0])
     for p, t in zip(paths, traces):
-        meta = {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard")}
+        meta = settings(t)
         if meta != first:
             diff = sorted(k for k in set(meta) | set(first) if meta.get(k) != first.get(k))
             raise RegclsError(f"{p} was traced with other settings ({', '.join(diff)}) and cannot be merged")
