@@ -3,12 +3,14 @@ one run), memory at two resolutions, image loading vs the whole trace, and on CU
 FLOPs utilisation. Random-initialised full-size models and synthetic images: the same compute as the real ones.
 
     python -m regcls.bench                 # CPU, 2 threads: ViT-S/B/L with registers at 224 px
-    python -m regcls.bench --device cuda   # all eight DINOv2 models, bf16 autocast
+    python -m regcls.bench --device cuda   # all eight DINOv2 models, bf16 autocast, MFU, paper-profile projection
+    python -m regcls.bench --device cuda --json bench.json   # also keep the numbers with hardware and versions
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from .models import create
-from .trace import Tracer
+from .trace import AMP_TOLERANCE, Tracer, amp_agreement
 
 
 def _reset_peak() -> None:
@@ -97,7 +99,6 @@ def peak_forward_mb(arch: str, img: int, batch: int, mode: str) -> float:
     """
     import os
     import subprocess
-    import sys
 
     code = ("import torch,sys;from regcls import bench as b;torch.set_num_threads(2);"
             f"print(b._probe({arch!r},{img},{batch},{mode!r}))")
@@ -169,35 +170,146 @@ def bench_loading(n_images: int = 125, img_size: int = 224) -> dict:
     return {"images": len(store), "decode_img_per_s": len(store) / load_s, "trace_img_per_s": len(store) / trace_s}
 
 
-def bench_cuda(batch: int = 64, repeats: int = 10, peak_tflops: float | None = None) -> list[dict]:
-    """Every DINOv2 model: bf16 autocast throughput and model FLOPs utilisation, and float32 agreement."""
-    from .metrics import cka
-    from .profiles import SIZE_NAMES
+def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool = True) -> list[dict]:
+    """CPU seconds of the chapters' heaviest analysis steps at paper-profile shapes (ViT-g width, all COCO
+    images; synthetic features). The bootstrap of CKA is timed both ways: resampling the rows and recomputing
+    CKA (the generic path, timed on 3 resamples and scaled to ``n_boot``) and from the Gram matrices."""
+    from .metrics import bootstrap_ci, cka, cka_interval, mean_pairwise_cosine
+    from .probe import linear_probe
 
-    name = torch.cuda.get_device_name(0)
-    peak = peak_tflops or (989.0 if "H100" in name or "H200" in name else float("nan"))  # dense bf16
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, d)) + 3.0
+    Y = X @ rng.standard_normal((d, d)) / np.sqrt(d) + rng.standard_normal((n, d))
     rows = []
-    for reg in (True, False):
-        for size in ("S", "B", "L", "g"):
-            arch = f"vit_{SIZE_NAMES[size]}_patch14_{'reg4_' if reg else ''}dinov2"
-            torch.manual_seed(0)
-            model = create(arch, pretrained=False, img_size=224).cuda()
-            x = torch.randn(batch, 3, 224, 224, device="cuda")
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                r = time_pair(model, x, repeats, "cuda")
-            with Tracer(model) as t32, torch.inference_mode():
-                ref = t32.run(x[:16])
-                ref = {k: v.float().cpu().numpy() for k, v in ref.items()}
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    lo = {k: v.float().cpu().numpy() for k, v in t32.run(x[:16]).items()}
-            flops = flops_per_image(model) * batch
-            rows.append({"model": arch, "batch": batch, "trace_img_per_s": batch / r["trace_s"],
-                         "mfu": flops / r["trace_s"] / 1e12 / peak, "time_ratio": r["trace_s"] / r["plain_s"],
-                         "bf16_vs_fp32_cls_attn_maxdiff": float(np.abs(lo["cls_attn"] - ref["cls_attn"]).max()),
-                         "bf16_vs_fp32_cka_full": cka(lo["attn_out_full"], ref["attn_out_full"])})
-            del model
+
+    def seconds(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    def timed(what, fn):
+        rows.append({"step": what, "seconds": seconds(fn)})
+
+    once = seconds(lambda: bootstrap_ci(cka, X, Y, n_boot=0))
+    per = (seconds(lambda: bootstrap_ci(cka, X, Y, n_boot=3)) - once) / 3
+    rows.append({"step": f"CKA interval, {n_boot} resamples, generic loop (3 timed, scaled)",
+                 "seconds": once + n_boot * per})
+    timed(f"CKA interval, {n_boot} resamples, Gram form", lambda: cka_interval(X, Y, n_boot=n_boot))
+    timed("debiased CKA", lambda: cka(X, Y, debiased=True))
+    timed("mean pairwise cosine interval, 200 resamples", lambda: bootstrap_ci(mean_pairwise_cosine, X, n_boot=200))
+    if probe:  # ImageNetV2 shape: 10 images of each of 1,000 classes; one of the seven probes of Sec. 3.2
+        y = np.repeat(np.arange(1000), 10)
+        F = rng.standard_normal((10_000, d)) + 0.12 * rng.standard_normal((1000, d))[y]
+        timed("class probe: 10,000 x 1,536, 1,000 classes (13 logistic fits)", lambda: linear_probe(F, y))
+    return rows
+
+
+# Dense bfloat16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first name that matches wins.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+
+
+def peak_tflops(device_name: str) -> float:
+    """Dense bf16 peak of a GPU from its name (nan when unknown: pass ``--peak-tflops``)."""
+    return next((tf for key, tf in PEAK_BF16_TFLOPS if key in device_name), float("nan"))
+
+
+def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tuple[float, str]:
+    """Images per second of :func:`regcls.trace.run_trace` from a uint8 image store to the trace file:
+    host-to-device copies, normalisation, the bf16 check, the trace, device-to-host copies and the writes
+    included; and the precision run_trace chose ("bf16", or "fp32" where bf16 missed the tolerance)."""
+    import tempfile
+    import warnings
+
+    from .data import ImageStore
+    from .trace import load_trace, run_trace, trace_meta
+
+    S = model.patch_embed.img_size[0]
+    pixels = np.random.default_rng(0).integers(0, 256, (n_images, 3, S, S), dtype=np.uint8)
+    ids = [f"{i:06d}" for i in range(n_images)]
+    images = ImageStore(pixels, ids).normalized((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    meta = trace_meta(model, model="bench", weights="random", dataset="synthetic", img_size=S)
+    with tempfile.TemporaryDirectory() as d:
+        run_trace(model, images[:batch], ids[:batch], out=Path(d) / "warm.npz", meta=meta, batch_size=batch,
+                  device=device, amp=amp, progress=False)
+        t = time.perf_counter()
+        with warnings.catch_warnings():  # the precision is reported in the table instead
+            warnings.filterwarnings("ignore", "bfloat16 disagrees")
+            run_trace(model, images, ids, out=Path(d) / "t.npz", meta=meta, batch_size=batch, device=device,
+                      amp=amp, progress=False)
+        rate = n_images / (time.perf_counter() - t)
+        return rate, "bf16" if load_trace(Path(d) / "t.npz")["meta"].get("amp_used") else "fp32"
+
+
+def dinov2_archs() -> list[str]:
+    from .profiles import SIZE_NAMES, SIZES
+    return [f"vit_{SIZE_NAMES[s]}_patch14_{'reg4_' if reg else ''}dinov2" for reg in (True, False) for s in SIZES]
+
+
+def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size: int = 224,
+                 batch: int | None = None, repeats: int = 10, peak: float | None = None, amp: bool = True,
+                 overrides: dict | None = None) -> list[dict]:
+    """Every DINOv2 model (random weights, synthetic images): throughput of the plain forward pass and of
+    the trace, model FLOPs utilisation (MFU, forward FLOPs over the device's dense bf16 peak), peak memory,
+    the end-to-end rate of ``run_trace`` and the agreement of bf16 autocast with float32."""
+    from .trace import auto_batch_size
+
+    cuda = device.startswith("cuda")
+    peak = peak or (peak_tflops(torch.cuda.get_device_name(torch.device(device))) if cuda else float("nan"))
+    rows = []
+    for arch in archs or dinov2_archs():
+        torch.manual_seed(0)
+        with torch.device(device):  # random init on the device (seconds for ViT-g instead of a minute)
+            model = create(arch, pretrained=False, img_size=img_size, overrides=overrides)
+        bs = batch or auto_batch_size(model, device, amp)
+        x = torch.randn(bs, 3, img_size, img_size, device=device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+            r = time_pair(model, x, repeats, device)
+        flops = flops_per_image(model)
+        e2e, precision = end_to_end(model, device, bs, max(2 * bs, 8), amp)
+        agree = amp_agreement(model, x[:32])
+        rows.append({"model": arch, "img": img_size, "batch": bs, "plain_img_per_s": bs / r["plain_s"],
+                     "trace_img_per_s": bs / r["trace_s"], "time_ratio": r["trace_s"] / r["plain_s"],
+                     "mfu": flops * bs / r["trace_s"] / 1e12 / peak, "trace_peak_gb": r.get("trace_mb", float("nan")) / 1024,
+                     "end_to_end_img_per_s": e2e, "end_to_end_mfu": flops * e2e / 1e12 / peak,
+                     "end_to_end_precision": precision,
+                     "gflop_per_img": flops / 1e9, **agree})
+        del model, x
+        if cuda:
             torch.cuda.empty_cache()
     return rows
+
+
+def paper_workload() -> list[dict]:
+    """Every trace the chapters request on the paper profile: model, dataset, images, resolution."""
+    from .data import DATASETS
+    from .profiles import PROFILES
+
+    prof = PROFILES["paper"]
+    n = {name: DATASETS[name].n_images for name in (prof.dataset, prof.labelled)}
+    jobs = [(m.arch, prof.dataset, prof.img_size) for reg in (True, False) for m in prof.models_with(reg)]
+    jobs += [(m.arch, prof.labelled, prof.img_size) for m in prof.models_with(True)]
+    jobs += [(m.arch, prof.dataset, prof.alt_img_size) for m in prof.models_with(True)]
+    jobs += [(m.arch, prof.dataset, prof.img_size) for _, models in prof.appendix for m in models]
+    return [{"arch": a, "dataset": d, "images": n[d], "img_size": s} for a, d, s in jobs]
+
+
+def project_paper(rows: list[dict]) -> dict:
+    """Trace time of the whole paper workload on this device: measured end-to-end rates where the benchmark
+    ran the same model at the same resolution, else FLOPs over the median end-to-end FLOP rate measured."""
+    rate = {(r["model"], r["img"]): r["end_to_end_img_per_s"] for r in rows}
+    flop_rate = statistics.median(r["gflop_per_img"] * r["end_to_end_img_per_s"] for r in rows)  # GFLOP/s
+    total, measured, scaled = 0.0, 0, 0
+    for job in paper_workload():
+        if (job["arch"], job["img_size"]) in rate:
+            total += job["images"] / rate[job["arch"], job["img_size"]]
+            measured += 1
+        else:
+            with torch.device("meta"):
+                model = create(job["arch"], pretrained=False, img_size=job["img_size"])
+            total += job["images"] * flops_per_image(model) / 1e9 / flop_rate
+            scaled += 1
+    return {"traces": measured + scaled, "measured_rate": measured, "flop_scaled": scaled, "trace_seconds": total}
 
 
 def _print(title: str, rows) -> None:
@@ -210,22 +322,66 @@ def _print(title: str, rows) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m regcls.bench", description=__doc__)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="ViT-S only, fewer repeats (for a smoke check)")
+    import json
+    import platform
+
+    p = argparse.ArgumentParser(prog="python -m regcls.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU benchmark)")
+    p.add_argument("--quick", action="store_true", help="fewer models and repeats (a smoke check of the script)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for GPUs not in the built-in table")
+    p.add_argument("--analysis", action="store_true",
+                   help="also time the heaviest analysis steps at paper-profile shapes (CPU, several minutes)")
+    p.add_argument("--json", help="also write the results, with the hardware and versions, to this file")
     args = p.parse_args(argv)
+    from . import __version__
+    from .cli import check_device
+    from .errors import RegclsError
     from .plots import hardware
-    print(f"regcls benchmark on {hardware()}")
+    try:
+        check_device(args.device)
+    except RegclsError as e:
+        print(f"error: {e}")
+        return 2
+    where = hardware()
+    print(f"regcls benchmark on {where}")
+    results: dict = {"hardware": where, "torch": torch.__version__, "regcls": __version__,
+                     "command": "python -m regcls.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                     "date": time.strftime("%Y-%m-%d")}
     if args.device.startswith("cuda"):
-        _print("CUDA: bf16 autocast trace throughput, model FLOPs utilisation, agreement with float32", bench_cuda())
-        return 0
-    sizes = ("small",) if args.quick else ("small", "base", "large")
-    _print(f"trace vs plain forward_features (CPU, {args.threads} threads, medians, alternated)",
-           bench_cpu(sizes, repeats=2 if args.quick else 5, threads=args.threads))
-    _print("peak memory by resolution (ViT-S/14+reg, batch 2)", bench_memory())
-    _print("image loading vs whole trace (ViT-B/14+reg, 224 px)", bench_loading(n_images=32 if args.quick else 125))
-    print("\ntargets: time_ratio <= 1.10 and mem_ratio <= 1.2 for ViT-B/14+reg")
+        archs = [a for a in dinov2_archs() if "small" in a or "giant" in a][:2] if args.quick else None
+        rows = bench_device(args.device, archs, repeats=3 if args.quick else 10, peak=args.peak_tflops)
+        peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name(torch.device(args.device)))
+        _print(f"GPU: trace throughput and model FLOPs utilisation (bf16 autocast, 224 px, peak {peak:.0f} TFLOP/s)",
+               [{k: r[k] for k in ("model", "batch", "plain_img_per_s", "trace_img_per_s", "time_ratio", "mfu",
+                                   "trace_peak_gb", "end_to_end_img_per_s", "end_to_end_mfu", "end_to_end_precision")}
+                for r in rows])
+        _print(f"GPU: bf16 against float32 (tolerance {AMP_TOLERANCE})",
+               [{k: r[k] for k in ("model", "identity_fp32", "identity_bf16", "attn_mass_maxdiff", "cka_min",
+                                   "cka_min_key", "ok")} for r in rows])
+        proj = project_paper(rows)
+        _print("projected GPU time of every trace of the paper profile", proj)
+        print("\ntargets: mfu >= 0.25 for every DINOv2 model; all paper-profile traces in under 180 s")
+        results.update(device_rows=rows, projection=proj, peak_tflops=peak, tolerance=AMP_TOLERANCE)
+    else:
+        sizes = ("small",) if args.quick else ("small", "base", "large")
+        rows = bench_cpu(sizes, repeats=2 if args.quick else 5, threads=args.threads)
+        _print(f"trace vs plain forward_features (CPU, {args.threads} threads, medians, alternated)", rows)
+        mem = bench_memory()
+        _print("peak memory by resolution (ViT-S/14+reg, batch 2)", mem)
+        load = bench_loading(n_images=32 if args.quick else 125)
+        _print("image loading vs whole trace (ViT-B/14+reg, 224 px)", load)
+        print("\ntargets: time_ratio <= 1.10 and mem_ratio <= 1.2 for ViT-B/14+reg")
+        results.update(cpu_rows=rows, memory=mem, loading=load, machine=platform.machine())
+    if args.analysis:
+        torch.set_num_threads(args.threads)
+        ana = bench_analysis(n_boot=30 if args.quick else 300, probe=not args.quick)
+        _print("analysis at paper-profile shapes (CPU, n = 5,000 images, d = 1,536)", ana)
+        results["analysis"] = ana
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        print(f"results written to {args.json}")
     return 0
 
 

@@ -22,20 +22,29 @@ def content_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def resolve_device(device: str) -> str:
+    """``"auto"``: CUDA when there is a GPU, else the CPU. ``"cuda"`` without a GPU: the CPU, with a warning."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        import warnings
+        warnings.warn("no CUDA device: tracing on the CPU, which is slow for the large models", stacklevel=3)
+        return "cpu"
+    return device
+
+
 def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
-              checkpoint: str | Path | None = None, batch_size: int = 16, device: str = "cpu",
+              checkpoint: str | Path | None = None, batch_size: int | None = None, device: str = "cpu",
               amp: bool = False, progress: bool = True) -> dict:
     """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives."""
     from .data import dataset_files
     from .models import build, weights_id
     from .trace import TRACE_SCHEMA, load_trace, trace_files
 
-    if device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            import warnings
-            warnings.warn("no CUDA device: tracing on the CPU, which is slow for the large models", stacklevel=2)
-            device, amp = "cpu", False
+    device = resolve_device(device)
+    amp = amp and device.startswith("cuda")
     files, ids, labels = dataset_files(dataset, limit, download=True)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
@@ -61,5 +70,5 @@ def profile_traces(profile: Profile, registers: bool, dataset: str | None = None
     limit = profile.limit if dataset == profile.dataset else profile.labelled_limit
     return {m.size: get_trace(m, dataset, img_size=img_size or profile.img_size, limit=limit,
                               batch_size=profile.batch_size, device=profile.device,
-                              amp=profile.device == "cuda", progress=progress)
+                              amp=profile.device != "cpu", progress=progress)
             for m in profile.models_with(registers)}

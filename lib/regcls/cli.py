@@ -24,6 +24,21 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any work."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RegclsError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise RegclsError(f"no CUDA device {device!r} on this machine "
+                          f"({torch.cuda.device_count()} visible); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise RegclsError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from .data import dataset_files, list_images, scan_images
     from .models import build, weights_id
@@ -32,6 +47,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     if (args.images is None) == (args.dataset is None):
         raise RegclsError("give exactly one of --images DIR and --dataset NAME")
+    check_device(args.device)
     name = args.model
     arch, _, tag = name.partition(".")
     weights = "hub" if args.checkpoint is None and not args.random else f"random:{args.seed}"
@@ -99,7 +115,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .profiles import active_profile
 
     prof = active_profile(args.profile, verbose=False)
-    print(f"profile {prof.name}: {prof.note}; {prof.img_size} px, batch {prof.batch_size}, {prof.device}")
+    print(f"profile {prof.name}: {prof.note}; {prof.img_size} px, batch {prof.batch_size or 'auto'}, {prof.device}")
     for m in prof.models:
         src = f"hub: hf-hub:timm/{m.name}" if m.weights == "hub" else m.weights
         print(f"  model {m.label:6s} {m.name:45s} {src}")
@@ -126,9 +142,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", help="dataset name (regcls data list)")
     t.add_argument("--limit", type=int, help="first N images")
     t.add_argument("--img-size", type=int, default=224)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    t.add_argument("--batch-size", type=int, help="images per batch (default: 16 on the CPU, as many as fit on a GPU)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    t.add_argument("--amp", action="store_true", help="bfloat16 autocast (for GPUs; the trace's own sums stay float32)")
     t.add_argument("--strict", action="store_true", help="any unreadable image is an error")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--shard", help="i/k: trace only the i-th of k contiguous parts (0-based); merge with 'regcls merge'")

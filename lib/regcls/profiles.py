@@ -67,8 +67,8 @@ class Profile:
     labelled: str              # labelled images for one-shot and probes (ImageNet in the paper)
     labelled_limit: int | None
     img_size: int
-    batch_size: int
-    device: str
+    batch_size: int | None     # None: as many as fit the device (regcls.trace.auto_batch_size)
+    device: str                # "cpu", "cuda", or "auto" (CUDA when there is a GPU)
     alt_img_size: int = 518    # the other resolution of the open choice "224 vs 518 px"
     appendix: tuple[tuple[str, tuple[ModelSpec, ...]], ...] = ()  # (family, models small to large)
     oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -157,11 +157,11 @@ PROFILES: dict[str, Profile] = {
     "laptop": Profile(
         name="laptop", models=tuple(dinov2(s, r) for r in (True, False) for s in ("S", "B")),
         dataset="coco-val2017", limit=300, labelled="imagenetv2", labelled_limit=2000,
-        img_size=224, batch_size=16, device="cpu", appendix=tuple((f, m[:2]) for f, m in PAPER_APPENDIX),
+        img_size=224, batch_size=None, device="auto", appendix=tuple((f, m[:2]) for f, m in PAPER_APPENDIX),
         note="real DINOv2 small and base on 300 COCO val2017 images"),
     "paper": Profile(
         name="paper", models=_all(dinov2), dataset="coco-val2017", limit=None,
-        labelled="imagenetv2", labelled_limit=None, img_size=224, batch_size=64, device="cuda",
+        labelled="imagenetv2", labelled_limit=None, img_size=224, batch_size=None, device="cuda",
         appendix=PAPER_APPENDIX, note="real DINOv2 S/B/L/g on all 5,000 COCO val2017 images and ImageNetV2"),
 }
 
@@ -178,11 +178,13 @@ def hub_reachable(timeout: float = 2.0) -> bool:
 
 
 def detect_profile() -> str:
-    """The largest profile this machine can run: GPU and hub -> paper, hub -> laptop, else smoke."""
+    """The largest profile this machine can run: a GPU with native bfloat16 (A100, H100 or newer) and the hub
+    -> paper; the hub -> laptop (on a GPU if there is one, e.g. Colab's T4); else smoke."""
     import torch
 
     if hub_reachable():
-        return "paper" if torch.cuda.is_available() else "laptop"
+        big_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "paper" if big_gpu else "laptop"
     return "smoke"
 
 

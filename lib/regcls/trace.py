@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,50 @@ class Tracer:
         return rec
 
 
+# bfloat16 autocast is used only where it agrees with float32 this closely (checked on the first images).
+AMP_TOLERANCE = {"identity_bf16": 2e-2, "attn_mass_maxdiff": 1e-2, "cka_min": 0.999}
+
+
+def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
+    """bfloat16 autocast against float32 on the same images (B, 3, S, S), B >= 2.
+
+    ``identity_*``: relative L2 distance between the decomposed attention branch (parts + bias) and the
+    branch the model itself computed (output of the last block's LayerScale), [CLS] token.
+    ``attn_mass_maxdiff``: largest change of any [CLS] attention share (every block, head, token type).
+    ``cka_min``: smallest linear CKA across the images between bf16 and float32, over the vectors the
+    chapters compare (``cka_min_key`` names it). ``ok``: all within :data:`AMP_TOLERANCE`.
+    """
+    from .metrics import cka
+
+    own = {}
+    hook = model.blocks[-1].ls1.register_forward_hook(lambda m, i, o: own.__setitem__("branch", o[:, 0].float()))
+    try:
+        with Tracer(model) as tracer, torch.inference_mode():
+            ref = tracer.run(x)
+            ref_branch = own["branch"]
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                low = tracer.run(x)
+            low_branch = own["branch"]
+    finally:
+        hook.remove()
+
+    def rel(a, b):
+        return float((a.float() - b).norm() / b.norm())
+
+    keys = ["attn_out_cls", "attn_out_patch", "attn_out_full", "skip", "cls_final"]
+    keys += ["attn_out_reg"] if layout(model).num_registers else []
+    ckas = {k: cka(low[k].float().cpu().numpy(), ref[k].float().cpu().numpy()) for k in keys}
+    worst = min(ckas, key=ckas.get)
+    out = {"identity_fp32": rel(ref["attn_out_full"], ref_branch),
+           "identity_bf16": rel(low["attn_out_full"], low_branch),
+           "attn_mass_maxdiff": float((low["attn_mass"].float() - ref["attn_mass"].float()).abs().max()),
+           "cka_min": float(ckas[worst]), "cka_min_key": worst, "images": len(x)}
+    out["ok"] = bool(out["identity_bf16"] <= AMP_TOLERANCE["identity_bf16"]
+                     and out["attn_mass_maxdiff"] <= AMP_TOLERANCE["attn_mass_maxdiff"]
+                     and out["cka_min"] >= AMP_TOLERANCE["cka_min"])
+    return out
+
+
 def trace_batch(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Trace one batch; also returns ``attn_out_bias`` (D,)."""
     with Tracer(model) as t:
@@ -238,7 +283,7 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
         raise RegclsError("nothing to merge")
 
     def settings(t: dict) -> dict:  # what must agree between shards
-        return {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard")}
+        return {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard", "amp_check")}
 
     first = settings(traces[0])
     for p, t in zip(paths, traces):
@@ -256,6 +301,8 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
     if len(set(arrays["image_ids"].tolist())) != len(arrays["image_ids"]):
         raise RegclsError("the shards overlap (an image appears twice)")
     meta = {**first, "n_images": len(arrays["image_ids"]), "skipped": sum(t["meta"].get("skipped", 0) for t in traces)}
+    if "amp_check" in traces[0]["meta"]:  # each shard checked bf16 on its own first images
+        meta["amp_check"] = [t["meta"]["amp_check"] for t in traces]
     meta.pop("regcls_version", None)
     meta.pop("trace_schema", None)
     save_trace(out, arrays, meta)
@@ -277,15 +324,40 @@ def _to_numpy(rec: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             else rec[k].detach().cpu().numpy() for k in PER_IMAGE}
 
 
+def auto_batch_size(model: nn.Module, device: str, amp: bool = False, cap: int = 512) -> int:
+    """Images per batch: 16 on the CPU; on CUDA as many as half the free memory holds (a power of two <= cap).
+
+    Inference holds about N x (6 D + 2 D_mlp) activations per image at once (residual stream, norm, qkv,
+    attention output, the MLP's hidden layer before and after its activation); twice that is budgeted.
+    An out-of-memory error still halves the batch (:func:`run_trace`).
+    """
+    if not str(device).startswith("cuda"):
+        return 16
+    lay = layout(model)
+    hidden = max(m.out_features for m in model.blocks[0].mlp.modules() if isinstance(m, nn.Linear))
+    per_image = 2 * lay.num_tokens * (6 * lay.dim + 2 * hidden) * (2 if amp else 4)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    fits = max(1, int(0.5 * free // per_image))
+    return min(cap, 1 << (fits.bit_length() - 1))
+
+
 def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta: dict,
-              extra: dict[str, np.ndarray] | None = None, batch_size: int = 16, device: str = "cpu", amp: bool = False, progress: bool = True) -> Path:
+              extra: dict[str, np.ndarray] | None = None, batch_size: int | None = None, device: str = "cpu",
+              amp: bool = False, progress: bool = True) -> Path:
     """Trace all images into ``out`` (.npz), resuming an interrupted run of the same settings.
 
     ``images`` is indexable by a slice and returns normalised float images (B, 3, S, S) (see
-    :class:`regcls.data.ImageStore`). Finished batches go to ``out.parts/`` as they complete (atomic
-    writes); the final file is written atomically and the parts are removed.
+    :class:`regcls.data.ImageStore`; its slices travel to the device as uint8). ``batch_size=None`` picks
+    one from the free memory (:func:`auto_batch_size`); ``amp`` runs under bfloat16 autocast (the trace's
+    own arithmetic stays float32). Finished batches go to ``out.parts/`` as they complete (atomic writes, in
+    a background thread so the device keeps working); the final file is written atomically and the parts
+    are removed.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
+
+    from .data import Normalized
 
     out = Path(out)
     n = len(ids)
@@ -296,45 +368,76 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
     done = _resume(parts_dir, key)
     start = done[-1][1] if done else 0
     model = model.to(device)
+    if isinstance(images, Normalized):
+        images = images.to(device)
     dtype = next(model.parameters()).dtype
+    amp_check = None
+    if amp and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        warnings.warn(f"{torch.cuda.get_device_name(torch.device(device))} has no native bfloat16; tracing in float32",
+                      stacklevel=2)
+        amp = False
+    if amp:  # bf16 only where it agrees with float32 on these images
+        amp_check = amp_agreement(model, images[0:min(n, 32)].to(device=device, dtype=dtype))
+        if not amp_check["ok"]:
+            warnings.warn(f"bfloat16 disagrees with float32 for {meta.get('model', 'this model')} on the first "
+                          f"{amp_check['images']} images ({_describe_check(amp_check)}); tracing in float32",
+                          stacklevel=2)
+            amp = False
+    batch_size = batch_size or auto_batch_size(model, device, amp)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
     bias = None
     bar = tqdm(total=n, initial=start, unit="img", desc=f"trace {meta.get('model', '')}", disable=not progress)
-    with Tracer(model) as tracer:
-        i = start
-        while i < n:
-            j = min(i + batch_size, n)
-            x = images[i:j].to(device=device, dtype=dtype)
-            try:
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp and device.startswith("cuda")):
-                    rec = tracer.run(x)
-            except torch.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size = max(1, batch_size // 2)
-                torch.cuda.empty_cache()
-                bar.write(f"out of memory: retrying with batch size {batch_size}")
-                continue
-            arrays = _to_numpy(rec)
-            atomic_savez(parts_dir / f"{i:09d}-{j:09d}.npz", arrays)
-            done.append((i, j))
-            bias = tracer.bias
-            bar.update(j - i)
-            i = j
-        if bias is None:  # everything came from parts: one tiny batch recovers the bias
-            tracer.run(images[0:1].to(device=device, dtype=dtype))
-            bias = tracer.bias
-    bar.close()
+    writer, pending = ThreadPoolExecutor(1), []
+    try:
+        with Tracer(model) as tracer:
+            i = start
+            while i < n:
+                j = min(i + batch_size, n)
+                x = images[i:j].to(device=device, dtype=dtype)
+                try:
+                    with autocast:
+                        rec = tracer.run(x)
+                except torch.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    batch_size = max(1, batch_size // 2)
+                    del x
+                    torch.cuda.empty_cache()
+                    bar.write(f"out of memory: retrying with batch size {batch_size}")
+                    continue
+                pending.append(writer.submit(atomic_savez, parts_dir / f"{i:09d}-{j:09d}.npz", _to_numpy(rec)))
+                while len(pending) > 2:  # at most two batches wait for the disk
+                    pending.pop(0).result()
+                done.append((i, j))
+                bias = tracer.bias
+                bar.update(j - i)
+                i = j
+            if bias is None:  # everything came from parts: one tiny batch recovers the bias
+                tracer.run(images[0:1].to(device=device, dtype=dtype))
+                bias = tracer.bias
+    finally:
+        writer.shutdown(wait=True)  # finished batches reach the disk, also on an interrupt
+        bar.close()
+    for f in pending:
+        f.result()  # a failed write raises here
     arrays = {k: np.concatenate([np.load(parts_dir / f"{a:09d}-{b:09d}.npz")[k] for a, b in done])
               for k in PER_IMAGE}
     arrays["attn_out_bias"] = bias.detach().float().cpu().numpy()
     arrays["image_ids"] = np.asarray(ids)
+    if amp_check is not None:
+        meta = {**meta, "amp_used": amp, "amp_check": amp_check}
     save_trace(out, {**arrays, **(extra or {})}, meta)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return out
 
 
+def _describe_check(check: dict) -> str:
+    return (f"identity error {check['identity_bf16']:.1e}, attention share change {check['attn_mass_maxdiff']:.1e}, "
+            f"CKA of {check['cka_min_key']} {check['cka_min']:.4f}; tolerance {AMP_TOLERANCE}")
+
+
 def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarray | None, *, out: str | Path,
-                meta: dict, img_size: int, batch_size: int = 16, device: str = "cpu", amp: bool = False,
+                meta: dict, img_size: int, batch_size: int | None = None, device: str = "cpu", amp: bool = False,
                 progress: bool = True, store_cache: str | Path | None = None):
     """Decode image files with the model's eval transform and trace them into ``out``.
 

@@ -1,0 +1,138 @@
+"""The GPU path's logic, checked on the CPU: batch sizing, uint8 transfer, the bf16 check and its fallback,
+FLOP counting, the device benchmark and the paper-profile projection. (Timings are not asserted here; the
+benchmark script measures them.)"""
+import numpy as np
+import pytest
+import torch
+
+from regcls import bench
+from regcls import trace as T
+from regcls.data import ImageStore
+from regcls.models import create
+
+TINY = dict(embed_dim=48, depth=2, num_heads=3)
+ARCH = "vit_small_patch14_reg4_dinov2"
+
+
+def tiny_model(arch=ARCH, seed=0):
+    torch.manual_seed(seed)
+    return create(arch, pretrained=False, img_size=56, overrides=TINY)
+
+
+def uint8_store(n=6, size=56, seed=0):
+    pixels = np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+    return ImageStore(pixels, [f"{i}" for i in range(n)])
+
+
+def test_auto_batch_size_fits_half_the_free_memory(monkeypatch):
+    with torch.device("meta"):
+        small = create("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=224)
+        giant = create("vit_giant_patch14_reg4_dinov2", pretrained=False, img_size=224)
+    assert T.auto_batch_size(small, "cpu") == 16
+    free = 8 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    bs = {name: T.auto_batch_size(m, "cuda", amp=True) for name, m in (("S", small), ("g", giant))}
+    assert bs["S"] == 512 and 1 <= bs["g"] < bs["S"]
+    assert bs["g"] & (bs["g"] - 1) == 0  # a power of two
+    N, D = 261, 1536
+    hidden = giant.blocks[0].mlp.fc1.out_features
+    assert bs["g"] * 2 * N * (6 * D + 2 * hidden) * 2 <= free / 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 80 * 2**30))
+    assert T.auto_batch_size(giant, "cuda", amp=True) == 1
+
+
+def test_uint8_slices_normalise_like_the_float_path():
+    store = uint8_store()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    x = store.normalized(mean, std)
+    ref = (torch.from_numpy(store.pixels[1:4]).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
+        / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.equal(x[1:4], ref) and torch.equal(x.to("cpu")[1:4], ref)
+    assert x.to("cpu").stats == x.stats
+
+
+def test_flops_per_image_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+    for arch in (ARCH, "vit_giant_patch14_dinov2"):
+        model = create(arch, pretrained=False, img_size=56, overrides=dict(embed_dim=48, depth=2, num_heads=3))
+        for blk in model.blocks:  # explicit matmuls, so that the counter sees the attention products too
+            blk.attn.fused_attn = False
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            model.forward_features(torch.randn(2, 3, 56, 56))
+        assert bench.flops_per_image(model) == pytest.approx(counter.get_total_flops() / 2, rel=1e-3)
+
+
+def test_amp_agreement_reports_the_identity_and_precision():
+    model = tiny_model()
+    x = uint8_store(8).normalized((0.5,) * 3, (0.25,) * 3)[:]
+    check = T.amp_agreement(model, x)
+    assert check["identity_fp32"] < 1e-5            # float32: the decomposition is exact
+    assert 1e-5 < check["identity_bf16"] < 5e-2      # bf16: visibly rounded, still close
+    assert 0 <= check["attn_mass_maxdiff"] < 5e-2 and check["cka_min_key"].startswith(("attn_out", "skip", "cls"))
+
+
+def _run(model, store, tmp_path, name, amp):
+    meta = T.trace_meta(model, model="m", weights="random", dataset="d", img_size=56)
+    out = T.run_trace(model, store.normalized((0.5,) * 3, (0.25,) * 3), store.ids, out=tmp_path / name, meta=meta,
+                      batch_size=4, amp=amp, progress=False)
+    return T.load_trace(out)
+
+
+def test_bf16_is_used_only_within_tolerance(tmp_path, monkeypatch):
+    model, store = tiny_model(), uint8_store()
+    fp32 = _run(model, store, tmp_path, "fp32.npz", amp=False)
+    assert "amp_used" not in fp32["meta"]
+    monkeypatch.setattr(T, "AMP_TOLERANCE", {"identity_bf16": 1.0, "attn_mass_maxdiff": 1.0, "cka_min": -1.0})
+    low = _run(model, store, tmp_path, "bf16.npz", amp=True)
+    assert low["meta"]["amp_used"] is True and low["meta"]["amp_check"]["ok"] is True
+    assert not np.array_equal(low["attn_out_full"], fp32["attn_out_full"])
+    np.testing.assert_allclose(low["attn_mass"], fp32["attn_mass"], atol=5e-2)
+    monkeypatch.setattr(T, "AMP_TOLERANCE", {"identity_bf16": 0.0, "attn_mass_maxdiff": 0.0, "cka_min": 1.1})
+    with pytest.warns(UserWarning, match="bfloat16 disagrees with float32.*tracing in float32"):
+        back = _run(model, store, tmp_path, "fallback.npz", amp=True)
+    assert back["meta"]["amp_used"] is False
+    for k in T.PER_IMAGE:
+        assert np.array_equal(back[k], fp32[k]), k
+
+
+@pytest.mark.filterwarnings("ignore:bfloat16 disagrees")
+def test_device_benchmark_and_projection_run_on_the_cpu():
+    rows = bench.bench_device("cpu", [ARCH], img_size=56, batch=4, repeats=1, peak=1.0, overrides=TINY)
+    (r,) = rows
+    assert r["batch"] == 4 and r["trace_img_per_s"] > 0 and r["end_to_end_img_per_s"] > 0
+    assert r["mfu"] == pytest.approx(r["gflop_per_img"] * r["trace_img_per_s"] / 1e3)
+    assert r["identity_fp32"] < 1e-5 and isinstance(r["ok"], bool)
+    assert r["end_to_end_precision"] == ("bf16" if r["ok"] else "fp32")
+    jobs = bench.paper_workload()
+    assert len(jobs) == 8 + 4 + 4 + 10
+    assert sum(j["img_size"] == 518 for j in jobs) == 4 and sum(j["dataset"] == "imagenetv2" for j in jobs) == 4
+    proj = bench.project_paper(rows)
+    assert proj["traces"] == len(jobs) and proj["flop_scaled"] == len(jobs) and proj["trace_seconds"] > 0
+
+
+def test_gpu_peaks_by_name_and_a_clear_error_without_cuda(capsys):
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
+    assert np.isnan(bench.peak_tflops("Some Future GPU"))
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda"]) == 2
+        assert capsys.readouterr().out.strip() == "error: no CUDA device 'cuda' on this machine (0 visible); use --device cpu"
+
+
+def test_profile_and_device_follow_the_hardware(monkeypatch):
+    from regcls import profiles
+    from regcls.cache import resolve_device
+    monkeypatch.setattr(profiles, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert profiles.detect_profile() == "paper"             # an A100/H100-class GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert profiles.detect_profile() == "laptop"            # a T4: the small models, on that GPU
+    assert profiles.PROFILES["laptop"].device == "auto" and resolve_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.warns(UserWarning, match="no CUDA device"):
+        assert resolve_device("cuda") == "cpu"
+    monkeypatch.setattr(profiles, "hub_reachable", lambda timeout=2.0: False)
+    assert profiles.detect_profile() == "smoke"
