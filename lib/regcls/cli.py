@@ -115,7 +115,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .profiles import active_profile
 
     prof = active_profile(args.profile, verbose=False)
-    print(f"profile {prof.name}: {prof.note}; {prof.img_size} px, batch {prof.batch_size or 'auto'}, {prof.device}")
+    print(f"profile {prof.name}: {prof.note}; {prof.img_size} px, batch {prof.batch_size or 'auto'}, "
+          f"{'GPU if there is one, else CPU' if prof.device == 'auto' else prof.device}")
     for m in prof.models:
         src = f"hub: hf-hub:timm/{m.name}" if m.weights == "hub" else m.weights
         print(f"  model {m.label:6s} {m.name:45s} {src}")
