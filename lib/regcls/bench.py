@@ -174,7 +174,7 @@ def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool 
     """CPU seconds of the chapters' heaviest analysis steps at paper-profile shapes (ViT-g width, all COCO
     images; synthetic features). The bootstrap of CKA is timed both ways: resampling the rows and recomputing
     CKA (the generic path, timed on 3 resamples and scaled to ``n_boot``) and from the Gram matrices."""
-    from .metrics import bootstrap_ci, cka, cka_interval, mean_pairwise_cosine
+    from .metrics import bootstrap_ci, cka, cka_interval, mean_pairwise_cosine, oneshot, oneshot_split
     from .probe import linear_probe
 
     rng = np.random.default_rng(0)
@@ -197,9 +197,13 @@ def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool 
     timed(f"CKA interval, {n_boot} resamples, Gram form", lambda: cka_interval(X, Y, n_boot=n_boot))
     timed("debiased CKA", lambda: cka(X, Y, debiased=True))
     timed("mean pairwise cosine interval, 200 resamples", lambda: bootstrap_ci(mean_pairwise_cosine, X, n_boot=200))
-    if probe:  # ImageNetV2 shape: 10 images of each of 1,000 classes; one of the seven probes of Sec. 3.2
-        y = np.repeat(np.arange(1000), 10)
-        F = rng.standard_normal((10_000, d)) + 0.12 * rng.standard_normal((1000, d))[y]
+    # ImageNetV2 shape: 10 images of each of 1,000 classes
+    y = np.repeat(np.arange(1000), 10)
+    F = rng.standard_normal((10_000, d)) + 0.12 * rng.standard_normal((1000, d))[y]
+    train, test = oneshot_split(y, 0)
+    timed("one-shot run: 1,000 classes x 1 image, 3 test sets of 1,000", lambda: oneshot(
+        F[train], y[train], {p: F[test] for p in ("full", "patch", "reg")}, y[test]))
+    if probe:
         timed("class probe: 10,000 x 1,536, 1,000 classes (13 logistic fits)", lambda: linear_probe(F, y))
     return rows
 
