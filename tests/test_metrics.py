@@ -128,6 +128,40 @@ def test_oneshot_perfect_on_separable_and_chance_on_shuffled():
         assert abs(np.mean(accs) - 5 / C) < 0.1
 
 
+def _objective(W, b, X, y, C):  # scikit-learn's: C * sum of cross-entropies + ||W||^2 / 2
+    Z = X @ W + b
+    Z = Z - Z.max(1, keepdims=True)
+    return C * (np.log(np.exp(Z).sum(1)) - Z[np.arange(len(y)), y]).sum() + 0.5 * (W * W).sum()
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0, 10.0])
+def test_logistic_fit_reaches_scikit_learns_optimum(C):
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from regcls.probe import fit_logistic
+    r = np.random.default_rng(1)
+    y = np.arange(400) % 6
+    X = r.normal(size=(400, 12)) + 0.6 * r.normal(size=(6, 12))[y]
+    ref = LogisticRegression(C=C, max_iter=10_000, tol=1e-10).fit(X, y)
+    W, b = (t.numpy() for t in fit_logistic(torch.tensor(X), torch.tensor(y), 6, C, tol=1e-10))
+    assert _objective(W, b, X, y, C) == pytest.approx(_objective(ref.coef_.T, ref.intercept_, X, y, C), rel=1e-8)
+    np.testing.assert_allclose(W, ref.coef_.T, atol=1e-4 * max(1.0, np.abs(W).max()))
+    assert np.array_equal((X @ W + b).argmax(1), ref.predict(X))
+
+
+def test_probe_matches_the_scikit_learn_grid_search():
+    from regcls.bench import sklearn_probe
+    from regcls.probe import linear_probe
+    r = np.random.default_rng(2)
+    for k, d, sep in ((3, 10, 0.8), (8, 30, 0.4)):
+        y = np.repeat(np.arange(k), 40)
+        X = r.normal(size=(len(y), d)) * r.uniform(0.5, 20, d) + sep * r.normal(size=(k, d))[y]
+        ours, ref = linear_probe(X, y), sklearn_probe(X, y)
+        assert ours["C"] == ref["C"]
+        assert ours["accuracy"] == pytest.approx(ref["accuracy"], abs=1.5 / ours["n_test"])
+
+
 def test_probe_reads_separable_labels_and_not_noise():
     from regcls.probe import linear_probe
     r = np.random.default_rng(0)

@@ -170,10 +170,29 @@ def bench_loading(n_images: int = 125, img_size: int = 224) -> dict:
     return {"images": len(store), "decode_img_per_s": len(store) / load_s, "trace_img_per_s": len(store) / trace_s}
 
 
-def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool = True) -> list[dict]:
-    """CPU seconds of the chapters' heaviest analysis steps at paper-profile shapes (ViT-g width, all COCO
+def sklearn_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float = 0.3,
+                  Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict:
+    """The baseline for :func:`regcls.probe.linear_probe`: the same probe written the usual way, scikit-learn's
+    GridSearchCV over StandardScaler + LogisticRegression (same splits). Returns ``{"accuracy", "C"}``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+    folds = max(2, int(min(3, np.bincount(np.unique(ytr, return_inverse=True)[1]).min())))
+    search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000)),
+                          {"logisticregression__C": list(Cs)},
+                          cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).fit(Xtr, ytr)
+    return {"accuracy": float(search.score(Xte, yte)), "C": float(search.best_params_["logisticregression__C"])}
+
+
+def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool = True,
+                   device: str = "cpu") -> list[dict]:
+    """Seconds of the chapters' heaviest analysis steps at paper-profile shapes (ViT-g width, all COCO
     images; synthetic features). The bootstrap of CKA is timed both ways: resampling the rows and recomputing
-    CKA (the generic path, timed on 3 resamples and scaled to ``n_boot``) and from the Gram matrices."""
+    CKA (the generic path, timed on 3 resamples and scaled to ``n_boot``) and from the Gram matrices; the
+    class probe both ways: scikit-learn on the CPU (the baseline) and :func:`linear_probe` on ``device``."""
     from .metrics import bootstrap_ci, cka, cka_interval, mean_pairwise_cosine, oneshot, oneshot_split
     from .probe import linear_probe
 
@@ -204,7 +223,9 @@ def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool 
     timed("one-shot run: 1,000 classes x 1 image, 3 test sets of 1,000", lambda: oneshot(
         F[train], y[train], {p: F[test] for p in ("full", "patch", "reg")}, y[test]))
     if probe:
-        timed("class probe: 10,000 x 1,536, 1,000 classes (13 logistic fits)", lambda: linear_probe(F, y))
+        timed("class probe: 10,000 x 1,536, 1,000 classes (13 fits), scikit-learn, CPU", lambda: sklearn_probe(F, y))
+        timed(f"the same probe, regcls.probe (torch L-BFGS, float32), {device}",
+              lambda: linear_probe(F, y, device=device))
     return rows
 
 
@@ -379,9 +400,10 @@ def main(argv=None) -> int:
         print("\ntargets: time_ratio <= 1.10 and mem_ratio <= 1.2 for ViT-B/14+reg")
         results.update(cpu_rows=rows, memory=mem, loading=load, machine=platform.machine())
     if args.analysis:
-        torch.set_num_threads(args.threads)
-        ana = bench_analysis(n_boot=30 if args.quick else 300, probe=not args.quick)
-        _print("analysis at paper-profile shapes (CPU, n = 5,000 images, d = 1,536)", ana)
+        if not args.device.startswith("cuda"):
+            torch.set_num_threads(args.threads)
+        ana = bench_analysis(n_boot=30 if args.quick else 300, probe=not args.quick, device=args.device)
+        _print("analysis at paper-profile shapes (n = 5,000 images, d = 1,536; numpy on the CPU)", ana)
         results["analysis"] = ana
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
