@@ -59,14 +59,15 @@ def patch_sample_index(num_patches: int, k: int = N_PATCH_SAMPLE) -> np.ndarray:
 def _cls_row(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS] query attention of one block from its ``qkv`` output (B, N, 3*H*hd).
 
-    Returns the post-softmax row ``a`` (B, H, N) and the values ``v`` (B, H, N, hd), in float32 or wider.
+    Returns the post-softmax row ``a`` (B, H, N) in float32 or wider, and the values ``v`` (B, H, N, hd) as
+    computed (bfloat16 under autocast). Only [CLS]'s query and the keys are widened, not the whole ``qkv``.
     """
     B, N, _ = qkv.shape
     dtype = torch.promote_types(qkv.dtype, torch.float32)
-    qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim).to(dtype)
-    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2))          # (B, H, 1, hd)
-    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))           # (B, H, N, hd)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)         # (B, H, 1, N)
+    qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim)
+    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2).to(dtype))   # (B, H, 1, hd)
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2).to(dtype))    # (B, H, N, hd)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)            # (B, H, 1, N)
     return scores.softmax(dim=-1)[:, :, 0], qkv[:, :, 2].transpose(1, 2)
 
 
@@ -101,7 +102,7 @@ class Tracer:
                 mass[i] = torch.stack([p.sum(-1) for p in _split(a, P)], dim=-1)  # (B, H, 3)
                 if i == last:
                     self.rec["cls_attn"] = a
-                    for name, ap, vp in zip(PARTS, _split(a, P), _split(v.transpose(-2, -1), P)):
+                    for name, ap, vp in zip(PARTS, _split(a, P), _split(v.to(a.dtype).transpose(-2, -1), P)):
                         # sum_i a_i v_i over the part: (B, H, hd) -> heads concatenated (B, D)
                         val = (vp @ ap.unsqueeze(-1)).squeeze(-1)
                         self.rec[f"attn_val_{name}"] = val.flatten(1)
