@@ -97,8 +97,11 @@ def test_bf16_is_used_only_within_tolerance(tmp_path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:bfloat16 disagrees")
 def test_device_benchmark_and_projection_run_on_the_cpu():
-    rows = bench.bench_device("cpu", [ARCH], img_size=56, batch=4, repeats=1, peak=1.0, overrides=TINY)
+    seen = []
+    rows = bench.bench_device("cpu", [ARCH], img_size=56, batch=4, repeats=1, peak=1.0, overrides=TINY,
+                              on_row=lambda rows: seen.append(len(rows)))
     (r,) = rows
+    assert seen == [1]  # reported as soon as the model is done
     assert r["batch"] == 4 and r["trace_img_per_s"] > 0 and r["end_to_end_img_per_s"] > 0
     assert r["mfu"] == pytest.approx(r["gflop_per_img"] * r["trace_img_per_s"] / 1e3)
     assert r["identity_fp32"] < 1e-5 and isinstance(r["ok"], bool)

@@ -273,10 +273,11 @@ def dinov2_archs() -> list[str]:
 
 def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size: int = 224,
                  batch: int | None = None, repeats: int = 10, peak: float | None = None, amp: bool = True,
-                 overrides: dict | None = None) -> list[dict]:
+                 overrides: dict | None = None, on_row=None) -> list[dict]:
     """Every DINOv2 model (random weights, synthetic images): throughput of the plain forward pass and of
     the trace, model FLOPs utilisation (MFU, forward FLOPs over the device's dense bf16 peak), peak memory,
-    the end-to-end rate of ``run_trace`` and the agreement of bf16 autocast with float32."""
+    the end-to-end rate of ``run_trace`` and the agreement of bf16 autocast with float32.
+    ``on_row(rows)`` is called after each model, so that a run cut short keeps what it measured."""
     from .trace import auto_batch_size
 
     cuda = device.startswith("cuda")
@@ -302,6 +303,8 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
         del model, x
         if cuda:
             torch.cuda.empty_cache()
+        if on_row:
+            on_row(rows)
     return rows
 
 
@@ -376,7 +379,14 @@ def main(argv=None) -> int:
                      "date": time.strftime("%Y-%m-%d")}
     if args.device.startswith("cuda"):
         archs = [a for a in dinov2_archs() if "small" in a or "giant" in a][:2] if args.quick else None
-        rows = bench_device(args.device, archs, repeats=3 if args.quick else 10, peak=args.peak_tflops)
+        def keep(rows):  # one line per model as it finishes, and the JSON so far
+            r = rows[-1]
+            print(f"{r['model']}: batch {r['batch']}, trace {r['trace_img_per_s']:.0f} img/s, MFU {r['mfu']:.2f}, "
+                  f"end to end {r['end_to_end_img_per_s']:.0f} img/s ({r['end_to_end_precision']})", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({**results, "device_rows": rows}, indent=1, default=str))
+
+        rows = bench_device(args.device, archs, repeats=3 if args.quick else 10, peak=args.peak_tflops, on_row=keep)
         peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name(torch.device(args.device)))
         _print(f"GPU: trace throughput and model FLOPs utilisation (bf16 autocast, 224 px, peak {peak:.0f} TFLOP/s)",
                [{k: r[k] for k in ("model", "batch", "plain_img_per_s", "trace_img_per_s", "time_ratio", "mfu",
