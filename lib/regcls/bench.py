@@ -28,16 +28,10 @@ def _reset_peak() -> None:
         pass
 
 
-def _peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MB: ``VmRSS`` (resident now) or ``VmHWM`` (peak resident)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -71,13 +65,13 @@ def time_pair(model, x, repeats: int, device: str) -> dict:
                     base = torch.cuda.memory_allocated() / 2**20
                 else:
                     _reset_peak()
-                    base = _rss_mb()
+                    base = _status_mb("VmRSS")
                 sync()
                 t = time.perf_counter()
                 out = fn(x)
                 sync()
                 dt = time.perf_counter() - t
-                peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+                peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
                 del out
                 if name == "trace":
                     tracer.__exit__()
@@ -114,10 +108,10 @@ def _probe(arch: str, img: int, batch: int, mode: str) -> float:
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():
         tracer = Tracer(model).__enter__() if mode == "trace" else None
-        base = _rss_mb()
+        base = _status_mb("VmRSS")
         _reset_peak()
         out = tracer.run(x) if tracer else model.forward_features(x)
-        peak = _peak_rss_mb()
+        peak = _status_mb("VmHWM")
     del out
     return peak - base
 
@@ -126,12 +120,12 @@ def bench_cpu(sizes=("small", "base", "large"), batch: int = 8, repeats: int = 5
     torch.set_num_threads(threads)
     rows = []
     for size in sizes:
+        arch = f"vit_{size}_patch14_reg4_dinov2"
         torch.manual_seed(0)
-        model = create(f"vit_{size}_patch14_reg4_dinov2", pretrained=False, img_size=224)
+        model = create(arch, pretrained=False, img_size=224)
         x = torch.randn(batch, 3, 224, 224)
         r = time_pair(model, x, repeats, "cpu")
         del model
-        arch = f"vit_{size}_patch14_reg4_dinov2"
         r["plain_mb"], r["trace_mb"] = (peak_forward_mb(arch, 224, batch, m) for m in ("plain", "trace"))
         rows.append({"model": f"ViT-{size[0].upper()}/14+reg", "img": 224, "batch": batch, **r,
                      "time_ratio": r["trace_s"] / r["plain_s"], "mem_ratio": r["trace_mb"] / max(r["plain_mb"], 1e-9)})
@@ -140,13 +134,17 @@ def bench_cpu(sizes=("small", "base", "large"), batch: int = 8, repeats: int = 5
 
 def bench_memory(resolutions=(224, 518), batch: int = 2) -> list[dict]:
     """Peak memory of the trace at two resolutions (linear in tokens: no N x N kept for any layer)."""
+    from .models import layout
+
     rows = []
     arch = "vit_small_patch14_reg4_dinov2"
     for img in resolutions:
-        N = 5 + (img // 14) ** 2
+        with torch.device("meta"):
+            lay = layout(create(arch, pretrained=False, img_size=img))
+        N = lay.num_tokens
         rows.append({"img": img, "tokens": N, "plain_mb": peak_forward_mb(arch, img, batch, "plain"),
                      "trace_mb": peak_forward_mb(arch, img, batch, "trace"),
-                     "N x N maps of all layers and heads (MB)": batch * N * N * 6 * 12 * 4 / 2**20})
+                     "N x N maps of all layers and heads (MB)": batch * N * N * lay.heads * lay.depth * 4 / 2**20})
     return rows
 
 
@@ -239,6 +237,13 @@ def peak_tflops(device_name: str) -> float:
     return next((tf for key, tf in PEAK_BF16_TFLOPS if key in device_name), float("nan"))
 
 
+def device_peak(device: str, override: float | None = None) -> float:
+    """The peak MFU is measured against: ``override``, else the table's value for this GPU (nan on a CPU)."""
+    if override:
+        return override
+    return peak_tflops(torch.cuda.get_device_name(torch.device(device))) if device.startswith("cuda") else float("nan")
+
+
 def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tuple[float, str]:
     """Images per second of :func:`regcls.trace.run_trace` from a uint8 image store to the trace file:
     host-to-device copies, normalisation, the bf16 check, the trace, device-to-host copies and the writes
@@ -263,7 +268,7 @@ def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tupl
             run_trace(model, images, ids, out=Path(d) / "t.npz", meta=meta, batch_size=batch, device=device,
                       amp=amp, progress=False)
         rate = n_images / (time.perf_counter() - t)
-        return rate, "bf16" if load_trace(Path(d) / "t.npz")["meta"].get("amp_used") else "fp32"
+        return rate, "bf16" if load_trace(Path(d) / "t.npz", meta_only=True)["meta"].get("amp_used") else "fp32"
 
 
 def dinov2_archs() -> list[str]:
@@ -281,7 +286,7 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
     from .trace import auto_batch_size
 
     cuda = device.startswith("cuda")
-    peak = peak or (peak_tflops(torch.cuda.get_device_name(torch.device(device))) if cuda else float("nan"))
+    peak = device_peak(device, peak)
     rows = []
     for arch in archs or dinov2_archs():
         torch.manual_seed(0)
@@ -387,7 +392,7 @@ def main(argv=None) -> int:
                 Path(args.json).write_text(json.dumps({**results, "device_rows": rows}, indent=1, default=str))
 
         rows = bench_device(args.device, archs, repeats=3 if args.quick else 10, peak=args.peak_tflops, on_row=keep)
-        peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name(torch.device(args.device)))
+        peak = device_peak(args.device, args.peak_tflops)
         _print(f"GPU: trace throughput and model FLOPs utilisation (bf16 autocast, 224 px, peak {peak:.0f} TFLOP/s)",
                [{k: r[k] for k in ("model", "batch", "plain_img_per_s", "trace_img_per_s", "time_ratio", "mfu",
                                    "trace_peak_gb", "end_to_end_img_per_s", "end_to_end_mfu", "end_to_end_precision")}

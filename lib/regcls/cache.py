@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .profiles import ModelSpec, Profile
+from .profiles import ModelSpec, Profile, native_bf16
 
 PLANT_VERSION = 1  # bump when planted weights change
 
@@ -35,11 +35,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _native_bf16() -> bool:
-    import torch
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
 def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
               checkpoint: str | Path | None = None, batch_size: int | None = None, device: str = "cpu",
               amp: bool = False, progress: bool = True) -> dict:
@@ -49,7 +44,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     from .trace import TRACE_SCHEMA, load_trace, trace_files
 
     device = resolve_device(device)
-    amp = amp and device.startswith("cuda") and _native_bf16()  # a T4 (Colab) runs float32 without a warning
+    amp = amp and device.startswith("cuda") and native_bf16()  # a T4 (Colab) runs float32 without a warning
     files, ids, labels = dataset_files(dataset, limit, download=True)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),

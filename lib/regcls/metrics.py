@@ -4,6 +4,7 @@ All functions take arrays from a trace (numpy, float32 or float64) and return nu
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -256,8 +257,6 @@ def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarra
         raise ValueError("classifier is 'logreg' or 'ncm'")
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
-
-    import warnings
 
     scaler = StandardScaler().fit(train_X)
     with warnings.catch_warnings():  # one image per class is the design, not a regression target

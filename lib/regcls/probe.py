@@ -53,18 +53,17 @@ def linear_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float =
     """Held-out accuracy of a linear classifier reading ``y`` from ``X`` (n, d).
 
     Features are standardised on the training split; C is chosen by stratified 3-fold cross-validation on
-    the training split only (the first C of the best mean accuracy). ``device``: default CUDA when there is
-    a GPU (float32), else the CPU (float64). Returns ``{"accuracy", "chance", "C", "n_train", "n_test"}``;
+    the training split only (the first C of the best mean accuracy), in float32 on ``device`` (default:
+    CUDA when there is a GPU, else the CPU). Returns ``{"accuracy", "chance", "C", "n_train", "n_test"}``;
     chance is the accuracy of always predicting the most frequent training class.
     """
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32
     classes_, y_idx = np.unique(y, return_inverse=True)
     k = len(classes_)
     tr, te = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y_idx)
-    Xt = torch.as_tensor(np.asarray(X), dtype=dtype, device=device)
+    Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=device)
     yt = torch.as_tensor(y_idx, device=device)
     folds = max(2, int(min(3, np.bincount(y_idx[tr]).min())))
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(tr, y_idx[tr]))

@@ -177,14 +177,18 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def native_bf16() -> bool:
+    """True on a CUDA GPU with native bfloat16 (A100, H100 or newer), false on a T4 or without a GPU."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def detect_profile() -> str:
     """The largest profile this machine can run: a GPU with native bfloat16 (A100, H100 or newer) and the hub
     -> paper; the hub -> laptop (on a GPU if there is one, e.g. Colab's T4); else smoke."""
-    import torch
-
     if hub_reachable():
-        big_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-        return "paper" if big_gpu else "laptop"
+        return "paper" if native_bf16() else "laptop"
     return "smoke"
 
 

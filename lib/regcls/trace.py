@@ -42,6 +42,7 @@ from torch import nn
 from . import __version__
 from .errors import RegclsError
 from .models import layout
+from .profiles import native_bf16
 
 TRACE_SCHEMA = 3
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
@@ -253,13 +254,15 @@ def save_trace(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> N
     atomic_savez(path, out)
 
 
-def load_trace(path: str | Path) -> dict:
-    """Read a trace into a dict of arrays; ``meta`` holds the metadata as plain Python."""
+def load_trace(path: str | Path, meta_only: bool = False) -> dict:
+    """Read a trace into a dict of arrays; ``meta`` holds the metadata as plain Python.
+
+    ``meta_only`` reads just the metadata (the arrays of a large trace stay on disk)."""
     path = Path(path)
     if not path.is_file():
         raise RegclsError(f"trace {path} does not exist")
     with np.load(path, allow_pickle=False) as z:
-        tr = {k: z[k] for k in z.files}
+        tr = {k: z[k] for k in (["meta_json"] if meta_only else z.files)}
     tr["meta"] = json.loads(str(tr.pop("meta_json")))
     if tr["meta"].get("trace_schema") != TRACE_SCHEMA:
         raise RegclsError(f"trace {path} has schema {tr['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}; "
@@ -373,7 +376,7 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
         images = images.to(device)
     dtype = next(model.parameters()).dtype
     amp_check = None
-    if amp and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if amp and torch.device(device).type == "cuda" and not native_bf16():
         warnings.warn(f"{torch.cuda.get_device_name(torch.device(device))} has no native bfloat16; tracing in float32",
                       stacklevel=2)
         amp = False
