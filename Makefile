@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROFILE ?=
 export REGCLS_PROFILE := $(PROFILE)
 
-.PHONY: book test venv clean bench
+.PHONY: book test venv clean bench rehearsal
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ book: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 REGCLS_PROFILE=smoke $(PY) -m pytest --nbmake tests chapters
+
+# The real run rehearsed offline: mock hub (full-size random weights), generated datasets, every chapter and
+# the book on PROFILE (laptop by default; paper needs ~25 GB of disk). See tests/rehearsal.py.
+rehearsal: venv
+	$(PY) tests/rehearsal.py --profile $(or $(PROFILE),laptop) $(if $(LIMIT),--limit $(LIMIT)) $(REHEARSAL_ARGS)
 
 bench: venv
 	$(PY) -m regcls.bench

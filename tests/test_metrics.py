@@ -170,3 +170,14 @@ def test_probe_reads_separable_labels_and_not_noise():
     X[:, 0] += 8 * y  # 8 sd apart along one axis: linearly separable but for a few in 10^4
     assert linear_probe(X, y)["accuracy"] > 0.8   # chance 0.25; >= 0.87 for every seed 0-9
     assert linear_probe(r.normal(size=(100, 8)), y)["accuracy"] < 0.5
+
+
+def test_probe_with_two_images_per_class_keeps_every_class_in_both_splits():
+    """ImageNet-sized label sets with few images each (laptop, REGCLS_LIMIT): 1,000 classes x 2 images used to
+    stop scikit-learn's split ("test_size = 600 should be greater or equal to the number of classes")."""
+    from regcls.probe import linear_probe
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(300), 2)
+    X = rng.normal(size=(600, 8)) + np.eye(300)[y][:, :8] * 5
+    r = linear_probe(X, y)
+    assert r["n_test"] == 300 and r["n_train"] == 300 and r["C"] == 1.0

@@ -113,19 +113,18 @@ def test_interrupted_trace_leaves_no_file_and_resumes_identically(many_images, u
     args = ["trace", *ARCH_ARGS[:-1], "--images", str(many_images), "--batch-size", "2"]
     ref = uninterrupted
     out = tmp_path / "t.npz"
+    env = {**os.environ, "REGCLS_TEST_PAUSE_AFTER_BATCHES": "3"}  # the run waits after batch 3 for the signal
     proc = subprocess.Popen([sys.executable, "-m", "regcls", *args, "--quiet", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     parts = tmp_path / "t.npz.parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("*-*.npz"))) < 3:
-        time.sleep(0.02)
+    assert "paused after 3 batches" in proc.stderr.readline()
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert not out.exists(), "an interrupted run must not leave a file at --out"
-    done = len(list(parts.glob("*-*.npz")))
-    assert 0 < done < 24
-    r = run_cli(*args, "--quiet", "--out", str(out))
+    assert len(list(parts.glob("*-*.npz"))) == 3
+    r = run_cli(*args, "--out", str(out))
     assert r.returncode == 0, r.stderr
+    assert "resuming: 6 of 48 images already traced" in r.stderr
     a, b = np.load(ref), np.load(out)
     for k in a.files:
         if a[k].dtype.kind == "f":

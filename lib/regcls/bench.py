@@ -315,16 +315,12 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
 
 def paper_workload() -> list[dict]:
     """Every trace the chapters request on the paper profile: model, dataset, images, resolution."""
+    from .cache import workload
     from .data import DATASETS
     from .profiles import PROFILES
 
-    prof = PROFILES["paper"]
-    n = {name: DATASETS[name].n_images for name in (prof.dataset, prof.labelled)}
-    jobs = [(m.arch, prof.dataset, prof.img_size) for reg in (True, False) for m in prof.models_with(reg)]
-    jobs += [(m.arch, prof.labelled, prof.img_size) for m in prof.models_with(True)]
-    jobs += [(m.arch, prof.dataset, prof.alt_img_size) for m in prof.models_with(True)]
-    jobs += [(m.arch, prof.dataset, prof.img_size) for _, models in prof.appendix for m in models]
-    return [{"arch": a, "dataset": d, "images": n[d], "img_size": s} for a, d, s in jobs]
+    return [{"arch": m.arch, "dataset": d, "images": DATASETS[d].n_images, "img_size": s}
+            for m, d, s in workload(PROFILES["paper"])]
 
 
 def project_paper(rows: list[dict]) -> dict:

@@ -36,7 +36,7 @@ def resolve_device(device: str) -> str:
 
 
 def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
-              checkpoint: str | Path | None = None, batch_size: int | None = None, device: str = "cpu",
+              classes: int | None = None, checkpoint: str | Path | None = None, batch_size: int | None = None, device: str = "cpu",
               amp: bool = False, progress: bool = True) -> dict:
     """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives."""
     from .data import dataset_files
@@ -45,7 +45,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
 
     device = resolve_device(device)
     amp = amp and device.startswith("cuda") and native_bf16()  # a T4 (Colab) runs float32 without a warning
-    files, ids, labels = dataset_files(dataset, limit, download=True)
+    files, ids, labels = dataset_files(dataset, limit, download=True, classes=classes)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
             "img_size": img_size, "amp": amp, "schema": TRACE_SCHEMA,
@@ -60,15 +60,29 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     return load_trace(path)
 
 
-def profile_traces(profile: Profile, registers: bool, dataset: str | None = None, img_size: int | None = None,
-                   progress: bool = True) -> dict[str, dict]:
-    """Traces of every model of ``profile`` with (or without) registers, keyed by size ("S", ... "g").
+def trace_for(profile: Profile, spec: ModelSpec, dataset: str | None = None, img_size: int | None = None,
+              progress: bool = True) -> dict:
+    """The trace of one model on ``profile``'s images and settings (its cap, device and precision).
 
     ``dataset`` defaults to the profile's unlabelled set and ``img_size`` to the profile's resolution.
     """
     dataset = dataset or profile.dataset
-    limit = profile.limit if dataset == profile.dataset else profile.labelled_limit
-    return {m.size: get_trace(m, dataset, img_size=img_size or profile.img_size, limit=limit,
-                              batch_size=profile.batch_size, device=profile.device,
-                              amp=profile.device != "cpu", progress=progress)
-            for m in profile.models_with(registers)}
+    limit, classes = profile.sample(dataset)
+    return get_trace(spec, dataset, img_size=img_size or profile.img_size, limit=limit, classes=classes,
+                     batch_size=profile.batch_size, device=profile.device, amp=profile.device != "cpu",
+                     progress=progress)
+
+
+def profile_traces(profile: Profile, registers: bool, dataset: str | None = None, img_size: int | None = None,
+                   progress: bool = True) -> dict[str, dict]:
+    """Traces of every model of ``profile`` with (or without) registers, keyed by size ("S", ... "g")."""
+    return {m.size: trace_for(profile, m, dataset, img_size, progress) for m in profile.models_with(registers)}
+
+
+def workload(profile: Profile) -> list[tuple[ModelSpec, str, int]]:
+    """Every trace the chapters read on ``profile``, as ``(model, dataset, resolution)``, each once."""
+    jobs = [(m, profile.dataset, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
+    jobs += [(m, profile.labelled, profile.img_size) for m in profile.models_with(True)]
+    jobs += [(m, profile.dataset, profile.alt_img_size) for m in profile.models_with(True)]
+    jobs += [(m, profile.dataset, profile.img_size) for _, models in profile.appendix for m in models]
+    return jobs

@@ -102,24 +102,28 @@ def is_labelled(name: str) -> bool:
     return name == "samples-crops" or (name in DATASETS and DATASETS[name].labelled)
 
 
-def dataset_files(name: str, limit: int | None = None,
-                  download: bool = False) -> tuple[list[Path], list[str], np.ndarray | None]:
+def dataset_files(name: str, limit: int | None = None, download: bool = False,
+                  classes: int | None = None) -> tuple[list[Path], list[str], np.ndarray | None]:
     """Files, ids (paths relative to the dataset folder) and integer labels (or None) of a dataset.
 
-    ``limit`` keeps the first ``limit`` files in sorted order (for labelled sets: the first
-    ``ceil(limit / classes)`` files of every class, so every class stays).
+    ``limit`` keeps the first ``limit`` files in sorted order. Labelled sets keep the first ``classes``
+    classes (all when None; classes in numeric order of their folder names) and ``ceil(limit / classes)``
+    files of each, so every kept class stays; labels are numbered 0..classes-1.
     """
     folder = dataset_folder(name, download=download)
     labelled = is_labelled(name)
     files = list_images(folder, labelled=labelled)
     labels = None
     if labelled:
-        classes = sorted({f.parent.name for f in files}, key=lambda c: (len(c), c))
-        index = {c: i for i, c in enumerate(classes)}
+        names = sorted({f.parent.name for f in files}, key=lambda c: (len(c), c))
+        if classes is not None:
+            names = names[:classes]
+        index = {c: i for i, c in enumerate(names)}
+        files = [f for f in files if f.parent.name in index]
         labels = np.array([index[f.parent.name] for f in files])
         if limit is not None and limit < len(files):
-            per = -(-limit // len(classes))
-            keep = np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(len(classes))])
+            per = -(-limit // len(names))
+            keep = np.concatenate([np.flatnonzero(labels == c)[:per] for c in range(len(names))])
             keep.sort()
             files, labels = [files[i] for i in keep], labels[keep]
     elif limit is not None:

@@ -95,13 +95,46 @@ def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None
         raise
     except Exception as e:  # noqa: BLE001 -- turned into one line for the user
         if pretrained:
-            raise RegclsError(
-                f"cannot get pretrained weights for {name} ({type(e).__name__}): the hub is not reachable "
-                "and they are not cached; offline, use --checkpoint FILE or the smoke profile "
-                "(REGCLS_PROFILE=smoke)") from None
+            raise RegclsError(hub_failure(name, e)) from None
         raise RegclsError(f"cannot build {name}: {e}") from None
     check_supported(model, name)
     return model.eval().requires_grad_(False)
+
+
+def hub_file(name: str) -> Path | None:
+    """The cached hub weights file of ``arch.tag`` (``model.safetensors`` or ``pytorch_model.bin``), or None."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        return None
+    repo, _, revision = repo.partition("@")
+    for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename, revision=revision or None) if filename else None
+        if isinstance(path, str):
+            return Path(path)
+    return None
+
+
+def hub_failure(name: str, error: Exception) -> str:
+    """One line on why the hub weights of ``name`` did not load: not downloaded, or a damaged cached file."""
+    import huggingface_hub.constants as hc
+
+    cached = hub_file(name)
+    why = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(error).__name__
+    damaged = ("safetensor", "deserializ", "header", "eof", "pickle", "incomplete", "truncat", "corrupt", "zip")
+    if cached is not None and any(w in why.lower() for w in damaged):
+        return (f"the cached weights of {name} ({cached.resolve()}) cannot be read ({why}); the file is "
+                "truncated or corrupt: delete it and the next online run downloads it again")
+    if cached is not None:
+        return f"cannot load the cached weights of {name} ({cached.resolve()}): {why}"
+    if hc.HF_HUB_OFFLINE or not hub_reachable():
+        return (f"the weights of {name} are not in the hub cache ({hc.HF_HUB_CACHE}) and the hub is offline: "
+                "run once with internet to download them, or pass --checkpoint FILE (offline, the smoke profile "
+                "needs no weights: REGCLS_PROFILE=smoke)")
+    return f"cannot get pretrained weights for {name} from the hub ({why})"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

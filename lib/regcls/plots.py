@@ -40,9 +40,19 @@ def _box(kind: str, title: str, body: str) -> str:
 
 def banner(profile: Profile):
     """The visible notice of where this page's numbers come from (an IPython HTML object)."""
+    import os
+
     from IPython.display import HTML
 
-    if profile.name == "smoke":
+    from .profiles import image_cap
+
+    if os.environ.get("REGCLS_REHEARSAL"):
+        body = (f"This page is a <b>rehearsal</b> of the <b>{html.escape(profile.name)}</b> profile: every model "
+                "has full-size <b>random weights</b> in place of the hub's, and the images are generated, not COCO "
+                "or ImageNet. It checks that the real run executes end to end; its numbers mean nothing. "
+                "<b>Never publish this page.</b>")
+        return HTML(f'<div class="regcls-rehearsal-banner">{_box("danger", "Rehearsal: random weights, never to be published", body)}</div>')
+    if profile.name.startswith("smoke"):
         body = ("The figures on this page come from the <b>smoke profile</b>: tiny ViTs with planted weights "
                 "(the small sizes are negative controls that integrate patches, the large sizes positive "
                 "controls that read registers or their own skip connection) on images that ship with Python "
@@ -51,8 +61,11 @@ def banner(profile: Profile):
                 "<code>make book PROFILE=paper</code> on a GPU, or this notebook on Colab with "
                 "<code>REGCLS_PROFILE=laptop</code> or <code>paper</code>.")
         return HTML(f'<div class="regcls-smoke-banner">{_box("warning", "Smoke profile: planted controls, not real weights", body)}</div>')
+    cap = image_cap()
     body = (f"Computed with the <b>{profile.name}</b> profile: {html.escape(profile.note)}; "
-            f"{profile.img_size} px images.")
+            f"{profile.img_size} px images."
+            + (f" <b>Capped at {cap} images per dataset</b> (<code>REGCLS_LIMIT</code>): a first look, "
+               "not the full run." if cap else ""))
     return HTML(_box("note", f"Profile: {profile.name}", body))
 
 
@@ -95,11 +108,13 @@ def run_box(profile: Profile, notebook: str):
     from IPython.display import HTML
 
     from . import REPOSITORY
+    from .profiles import image_cap
 
     colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
     body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '
             f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
-            f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell.")
+            f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell."
+            + (f" Images capped at <b>{image_cap()}</b> per dataset (<code>REGCLS_LIMIT</code>)." if image_cap() else ""))
     return HTML(_box("tip", "Run this chapter", body))
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import RegclsError
+
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, classes: int, C: float, max_iter: int = 1000,
                  tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +55,8 @@ def linear_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float =
     """Held-out accuracy of a linear classifier reading ``y`` from ``X`` (n, d).
 
     Features are standardised on the training split; C is chosen by stratified 3-fold cross-validation on
-    the training split only (the first C of the best mean accuracy), in float32 on ``device`` (default:
+    the training split only (the first C of the best mean accuracy; C = 1 when a class has a single training
+    image), in float32 on ``device`` (default:
     CUDA when there is a GPU, else the CPU). Returns ``{"accuracy", "chance", "C", "n_train", "n_test"}``;
     chance is the accuracy of always predicting the most frequent training class.
     """
@@ -62,13 +65,21 @@ def linear_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     classes_, y_idx = np.unique(y, return_inverse=True)
     k = len(classes_)
-    tr, te = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y_idx)
+    if np.bincount(y_idx).min() < 2:
+        raise RegclsError(f"a linear probe needs at least two images of every class; the smallest class has "
+                          f"{np.bincount(y_idx).min()}")
+    n_test = min(max(int(np.ceil(test_size * len(y))), k), len(y) - k)  # every class in both splits
+    tr, te = train_test_split(np.arange(len(y)), test_size=n_test, random_state=seed, stratify=y_idx)
     Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=device)
     yt = torch.as_tensor(y_idx, device=device)
-    folds = max(2, int(min(3, np.bincount(y_idx[tr]).min())))
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(tr, y_idx[tr]))
-    scores = [np.mean([_accuracy(Xt[tr[a]], yt[tr[a]], Xt[tr[v]], yt[tr[v]], k, C) for a, v in splits]) for C in Cs]
-    best = Cs[int(np.argmax(scores))]
+    folds = int(min(3, np.bincount(y_idx[tr]).min()))
+    if folds >= 2:
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(tr, y_idx[tr]))
+        scores = [np.mean([_accuracy(Xt[tr[a]], yt[tr[a]], Xt[tr[v]], yt[tr[v]], k, C) for a, v in splits])
+                  for C in Cs]
+        best = Cs[int(np.argmax(scores))]
+    else:  # one training image of some class: no cross-validation, the middle of the grid
+        best = 1.0
     values, counts = np.unique(y_idx[tr], return_counts=True)
     chance = float((y_idx[te] == values[counts.argmax()]).mean())
     return {"accuracy": _accuracy(Xt[tr], yt[tr], Xt[te], yt[te], k, best), "chance": chance, "C": float(best),

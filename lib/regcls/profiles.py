@@ -72,6 +72,7 @@ class Profile:
     alt_img_size: int = 518    # the other resolution of the open choice "224 vs 518 px"
     appendix: tuple[tuple[str, tuple[ModelSpec, ...]], ...] = ()  # (family, models small to large)
     oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    labelled_classes: int | None = None  # the first classes of ``labelled`` (None = all)
     note: str = ""
 
     def models_with(self, registers: bool) -> list[ModelSpec]:
@@ -79,11 +80,42 @@ class Profile:
         chosen = [m for m in self.models if m.registers == registers]
         return sorted(chosen, key=lambda m: SIZES.index(m.size))
 
+    def sizes(self, registers: bool = True) -> list[str]:
+        """The sizes this profile has (with or without registers), in the paper's order."""
+        return [m.size for m in self.models_with(registers)]
+
+    def sample(self, dataset: str) -> tuple[int | None, int | None]:
+        """``(images, classes)`` of ``dataset`` on this profile, with the ``REGCLS_LIMIT`` cap applied.
+
+        Labelled sets keep whole classes: under a cap of N images, the first ``N // 2`` classes with two
+        images each (at least two classes), so the one-shot test keeps one image to learn from and one to test.
+        """
+        labelled = dataset == self.labelled
+        limit = self.labelled_limit if labelled else self.limit
+        classes = self.labelled_classes if labelled else None
+        cap = image_cap()
+        if cap is None:
+            return limit, classes
+        if not labelled:
+            return min(limit or cap, cap), None
+        classes = max(2, min(classes or cap // 2, cap // 2))
+        return 2 * classes if limit is None or limit > 2 * classes else limit, classes
+
     def model(self, size: str, registers: bool) -> ModelSpec:
         for m in self.models_with(registers):
             if m.size == size:
                 return m
         raise RegclsError(f"profile {self.name!r} has no model of size {size!r} with registers={registers}")
+
+
+def image_cap() -> int | None:
+    """``REGCLS_LIMIT``: at most this many images of every dataset, on any profile (None when unset)."""
+    raw = os.environ.get("REGCLS_LIMIT", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 4:
+        raise RegclsError(f"REGCLS_LIMIT={raw!r}: give a whole number of images, at least 4")
+    return int(raw)
 
 
 def dinov2(size: str, registers: bool) -> ModelSpec:
@@ -156,14 +188,29 @@ PROFILES: dict[str, Profile] = {
         note="tiny planted-control ViTs on images shipped with installed packages"),
     "laptop": Profile(
         name="laptop", models=tuple(dinov2(s, r) for r in (True, False) for s in ("S", "B")),
-        dataset="coco-val2017", limit=300, labelled="imagenetv2", labelled_limit=2000,
+        dataset="coco-val2017", limit=300, labelled="imagenetv2", labelled_limit=1000, labelled_classes=100,
         img_size=224, batch_size=None, device="auto", appendix=tuple((f, m[:2]) for f, m in PAPER_APPENDIX),
-        note="real DINOv2 small and base on 300 COCO val2017 images"),
+        note="real DINOv2 small and base on 300 COCO val2017 images (ImageNetV2: 100 classes, 10 images each)"),
     "paper": Profile(
         name="paper", models=_all(dinov2), dataset="coco-val2017", limit=None,
         labelled="imagenetv2", labelled_limit=None, img_size=224, batch_size=None, device="cuda",
         appendix=PAPER_APPENDIX, note="real DINOv2 S/B/L/g on all 5,000 COCO val2017 images and ImageNetV2"),
 }
+# The smoke models in the shape of ``laptop`` (S and B only; one model of each appendix family, fewer than any
+# family has on ``laptop``):
+# the tests run every chapter on it, so a chapter that indexes a size a profile lacks fails in seconds.
+PROFILES["smoke-laptop"] = Profile(
+    name="smoke-laptop", models=tuple(m for m in PROFILES["smoke"].models if m.size in ("S", "B")),
+    dataset="samples", limit=None, labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16,
+    device="cpu", alt_img_size=224, appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX),
+    note="the smoke profile's S and B models only, shaped like the laptop profile (for tests)")
+
+
+def appendix_missing(profile: Profile, family: str) -> list[str]:
+    """Sizes of an appendix family's series that ``profile`` lacks (the smoke profiles' series is its stand-ins)."""
+    full = dict(SMOKE_APPENDIX if profile.name.startswith("smoke") else PAPER_APPENDIX)[family]
+    have = {m.size for m in dict(profile.appendix).get(family, ())}
+    return [m.size for m in full if m.size not in have]
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:

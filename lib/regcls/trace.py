@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -371,6 +373,9 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
     key = json.dumps({**meta, "image_ids_hash": _hash_ids(ids)}, sort_keys=True, default=str)
     done = _resume(parts_dir, key)
     start = done[-1][1] if done else 0
+    if start:
+        print(f"resuming: {start} of {n} images already traced ({parts_dir})", file=sys.stderr, flush=True)
+    pause_after = int(os.environ.get("REGCLS_TEST_PAUSE_AFTER_BATCHES", 0))  # tests: stop at a known batch
     model = model.to(device)
     if isinstance(images, Normalized):
         images = images.to(device)
@@ -416,6 +421,12 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
                 bias = tracer.bias
                 bar.update(j - i)
                 i = j
+                if pause_after and len(done) == pause_after:  # the parts so far are on disk; wait for a signal
+                    for f in pending:
+                        f.result()
+                    print(f"paused after {pause_after} batches", file=sys.stderr, flush=True)
+                    while True:
+                        time.sleep(0.05)
             if bias is None:  # everything came from parts: one tiny batch recovers the bias
                 tracer.run(images[0:1].to(device=device, dtype=dtype))
                 bias = tracer.bias
