@@ -27,7 +27,6 @@ import http.server
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -237,7 +236,7 @@ def download_datasets(names: list[str]) -> None:
 def trace_one(profile_name: str, index: int, out: Path) -> None:
     """One trace of the workload, in this process; its measurements go to ``out`` (JSON)."""
     import regcls.trace as T
-    from regcls.bench import flops_per_image
+    from regcls.bench import _status_mb, flops_per_image  # VmHWM: peak since exec (ru_maxrss keeps the parent's)
     from regcls.cache import trace_for, workload
     from regcls.models import create
     from regcls.profiles import PROFILES
@@ -266,7 +265,7 @@ def trace_one(profile_name: str, index: int, out: Path) -> None:
     out.write_text(json.dumps({
         "model": spec.name, "dataset": dataset, "img_size": img_size, "images": n,
         "wall_s": wall, "trace_s": timed.get("trace_s"), "img_per_s": n / timed["trace_s"] if "trace_s" in timed else None,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "gflop_per_img": gflop,
+        "peak_rss_gb": _status_mb("VmHWM") / 1024, "gflop_per_img": gflop,
         "full_images": full, "gpu_s_projected": full * gflop / (GPU_TFLOPS * 1e3 * GPU_MFU)}))
 
 

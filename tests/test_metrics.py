@@ -181,3 +181,12 @@ def test_probe_with_two_images_per_class_keeps_every_class_in_both_splits():
     X = rng.normal(size=(600, 8)) + np.eye(300)[y][:, :8] * 5
     r = linear_probe(X, y)
     assert r["n_test"] == 300 and r["n_train"] == 300 and r["C"] == 1.0
+
+
+def test_oneshot_with_two_classes():
+    """Two classes (REGCLS_LIMIT=4): scikit-learn's binary decision function has one column, not two."""
+    from regcls.metrics import oneshot
+    X = np.array([[1.0, 0.0], [0.0, 1.0]])
+    tests = {"same": np.array([[0.9, 0.1], [0.2, 0.8]]), "swapped": np.array([[0.1, 0.9], [0.8, 0.2]])}
+    acc = oneshot(X, np.array([3, 7]), tests, np.array([3, 7]), k=1)
+    assert acc == {"same": 1.0, "swapped": 0.0}

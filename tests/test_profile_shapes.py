@@ -33,3 +33,31 @@ def test_claims_needing_missing_sizes_are_not_testable(monkeypatch):
     assert row.agrees is None and row.verdict == "not testable on this profile" and "needs L, g" in row.ours
     assert check("3.3", "c", "p", "0.1", False, lap, needs=("S",)).agrees is False
     assert check("3.3", "c", "p", "0.1", True, PROFILES["smoke"], needs=("L", "g")).agrees is True
+
+
+def test_limit_caps_every_dataset_and_keeps_two_images_per_class(monkeypatch):
+    import numpy as np
+
+    from regcls.data import dataset_files
+    from regcls.profiles import PROFILES
+
+    monkeypatch.setenv("REGCLS_LIMIT", "8")
+    for name in ("smoke", "laptop", "paper"):
+        p = PROFILES[name]
+        assert p.sample(p.dataset) == (8, None)
+        assert p.sample(p.labelled) == (8, 4)
+    files, ids, labels = dataset_files("samples-crops", 8, classes=4)
+    assert len(files) == 8 and np.array_equal(np.bincount(labels), [2, 2, 2, 2])
+    assert all(ids[k].split("/")[0] == str(labels[k]) for k in range(8))   # labels stay with their files
+    monkeypatch.delenv("REGCLS_LIMIT")
+    assert PROFILES["laptop"].sample("imagenetv2") == (1000, 100) and PROFILES["paper"].sample("coco-val2017") == (None, None)
+
+
+@pytest.mark.parametrize("raw", ["abc", "2", "-5"])
+def test_limit_must_be_a_usable_number(raw, monkeypatch):
+    from regcls.errors import RegclsError
+    from regcls.profiles import image_cap
+
+    monkeypatch.setenv("REGCLS_LIMIT", raw)
+    with pytest.raises(RegclsError, match="REGCLS_LIMIT"):
+        image_cap()

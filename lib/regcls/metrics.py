@@ -262,8 +262,12 @@ def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarra
     with warnings.catch_warnings():  # one image per class is the design, not a regression target
         warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
         clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_X), train_y)
-    return {name: topk_accuracy(clf.decision_function(scaler.transform(X)), clf.classes_, test_y, k)
-            for name, X in tests.items()}
+
+    def scores(X):  # (n, classes); two classes give one column of scores for the second class
+        s = clf.decision_function(scaler.transform(X))
+        return np.stack([-s, s], axis=1) if s.ndim == 1 else s
+
+    return {name: topk_accuracy(scores(X), clf.classes_, test_y, k) for name, X in tests.items()}
 
 
 def attention_maps(trace: dict) -> np.ndarray:

@@ -149,8 +149,8 @@ def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], p
         v = np.array([stats[s][part] for s in sizes], dtype=float)
         x = np.arange(len(sizes)) + (j - (len(parts) - 1) / 2) * width
         ax.bar(x, v[:, 0], width=width, color=PART_COLORS.get(part, "#444"), label=f"{PART_NAMES.get(part, part)} only")
-        if np.isfinite(v[:, 1:]).all():
-            ax.errorbar(x, v[:, 0], yerr=[v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], fmt="none", color="k", lw=1)
+        ok = np.isfinite(v[:, 1:]).all(axis=1)  # the interval as drawn: a percentile interval need not hold
+        ax.vlines(x[ok], v[ok, 1], v[ok, 2], color="k", lw=1)  # the estimate (few images), so no error bars
     ax.set_xticks(range(len(sizes)), [(xlabels or {}).get(s, s) for s in sizes])
     ax.set_xlabel("model size")
 
