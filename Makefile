@@ -24,8 +24,9 @@ book: venv
 	echo $$prof > _build/.profile; \
 	REGCLS_PROFILE=$$prof $(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
 
+# The chapters run first: they record the smoke claims that tests/test_smoke_verdicts.py checks.
 test: venv
-	HF_HUB_OFFLINE=1 REGCLS_PROFILE=smoke $(PY) -m pytest --nbmake tests chapters
+	HF_HUB_OFFLINE=1 REGCLS_PROFILE=smoke $(PY) -m pytest --nbmake chapters tests
 
 # The real run rehearsed offline: mock hub (full-size random weights), generated datasets, every chapter and
 # the book on PROFILE (laptop by default; paper needs ~25 GB of disk). See tests/rehearsal.py.

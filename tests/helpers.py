@@ -10,6 +10,7 @@ FAMILIES = {  # name -> (timm arch, overrides)
     "dinov2": ("vit_small_patch14_dinov2", dict(img_size=56)),
     "deit3": ("deit3_small_patch16_224", dict(img_size=48)),
     "clip": ("vit_base_patch16_clip_224", dict(img_size=48)),
+    "qknorm": ("vit_small_patch16_224", dict(img_size=48, qk_norm=True)),  # no DINOv2 uses it, other ViTs do
 }
 
 
@@ -25,6 +26,10 @@ def tiny(family: str, seed: int = 0, dtype=torch.float64):
             if blk.attn.qkv.bias is not None:
                 blk.attn.qkv.bias.normal_(0, 0.1)
             blk.attn.proj.bias.normal_(0, 0.1)
+            for norm in (blk.attn.q_norm, blk.attn.k_norm):
+                if isinstance(norm, torch.nn.LayerNorm):
+                    norm.weight.uniform_(0.5, 1.5)
+                    norm.bias.normal_(0, 0.3)
     return model.to(dtype).eval()
 
 

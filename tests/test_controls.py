@@ -50,7 +50,7 @@ def test_knockout_cka(tr):
 
 def test_skip_norms(tr):
     pos, neg = tr(*POS_SKIP), tr(*NEG_NOREG)
-    assert (M.norms(pos["skip"]) > 10 * M.norms(pos["attn_out_patch"])).all()
+    assert (M.norms(pos["skip"]) > 100 * M.norms(pos["attn_out_patch"])).all()   # built: > 700x
     assert np.median(M.norms(neg["attn_out_patch"])) > 2 * np.median(M.norms(neg["skip"]))
 
 
@@ -76,7 +76,7 @@ def test_high_norm_register(tr):
     assert M.mean_pairwise_cosine(neg["prefix_penult"][:, 1 + HIGH]) < 0.95
     dims, before = M.top_dims_mean(X, k=4)
     _, after = M.top_dims_mean(pos["prefix_penult_ln"][:, 1 + HIGH], dims=dims)
-    assert (before > 10 * after).all()
+    assert (before > 100 * after).all()   # built: > 1,000x
 
 
 def test_probe_reads_class_from_seemingly_constant_register(tr):

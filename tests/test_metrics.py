@@ -73,8 +73,18 @@ def test_resampled_cka_equals_cka_of_each_resample():
     np.testing.assert_allclose(cka_resampled(X, Y, counts), [cka(X[i], Y[i]) for i in idx], atol=1e-10)
     np.testing.assert_allclose(cka_interval(X, Y, n_boot=40, seed=3), bootstrap_ci(cka, X, Y, n_boot=40, seed=3),
                                atol=1e-10)
-    debiased = cka_interval(X, Y, debiased=True, n_boot=10, seed=3)
-    assert debiased == bootstrap_ci(lambda a, b: cka(a, b, debiased=True), X, Y, n_boot=10, seed=3)
+    g = np.random.default_rng(3)  # the debiased interval from its own resamples, written out
+    boots = [cka(X[i], Y[i], debiased=True) for i in (g.integers(0, 60, 60) for _ in range(10))]
+    want = (cka(X, Y, debiased=True), *np.percentile(boots, [2.5, 97.5]))
+    np.testing.assert_allclose(cka_interval(X, Y, debiased=True, n_boot=10, seed=3), want, atol=1e-10)
+
+
+def test_bootstrap_interval_is_the_95_percent_percentile_interval_of_its_resamples():
+    x = rng.normal(size=50)
+    g = np.random.default_rng(7)
+    boots = [np.mean(x[g.integers(0, 50, 50)]) for _ in range(300)]
+    v, lo, hi = bootstrap_ci(np.mean, x, n_boot=300, seed=7)
+    assert v == pytest.approx(x.mean()) and (lo, hi) == pytest.approx(tuple(np.percentile(boots, [2.5, 97.5])))
 
 
 def test_bootstrap_interval_covers_and_shrinks():
@@ -97,8 +107,13 @@ def fake_trace(n=6, H=2, D=4, P=3):
 
 def test_shares_add_to_one_and_knockout_adds_up():
     t = fake_trace()
+    t["attn_mass"] = np.zeros((6, 2, 2, 3))  # known shares: heads (0.2, 0.4) to registers, layer 0 differs
+    t["attn_mass"][:, -1, 0] = (0.1, 0.2, 0.7)
+    t["attn_mass"][:, -1, 1] = (0.3, 0.4, 0.3)
+    t["attn_mass"][:, 0] = (1.0, 0.0, 0.0)
     s = shares(t)
-    np.testing.assert_allclose(s["cls"] + s["reg"] + s["patch"], 1.0)
+    np.testing.assert_allclose([s["cls"], s["reg"], s["patch"]], np.repeat([[0.2], [0.3], [0.5]], 6, axis=1))
+    np.testing.assert_allclose(shares(t, layer=0)["cls"], 1.0)
     k = knockout(t)
     np.testing.assert_allclose(k["cls"] + k["reg"] + k["patch"] - 2 * t["attn_out_bias"], k["full"])
 
@@ -190,3 +205,36 @@ def test_oneshot_with_two_classes():
     tests = {"same": np.array([[0.9, 0.1], [0.2, 0.8]]), "swapped": np.array([[0.1, 0.9], [0.8, 0.2]])}
     acc = oneshot(X, np.array([3, 7]), tests, np.array([3, 7]), k=1)
     assert acc == {"same": 1.0, "swapped": 0.0}
+
+
+def test_oneshot_scaler_is_fitted_on_the_training_images_only():
+    """Passing other test images (here far off in scale) must not change an accuracy: no statistics of the test
+    images may reach the classifier."""
+    from regcls.metrics import oneshot
+    g = np.random.default_rng(5)
+    centres = g.normal(size=(20, 16)) * 3
+    train, test = centres + g.normal(size=(20, 16)), centres + g.normal(size=(20, 16)) * 1.5
+    y = np.arange(20)
+    alone = oneshot(train, y, {"test": test}, y, k=1)
+    with_other = oneshot(train, y, {"test": test, "other": g.normal(size=(20, 16)) * 50 + 100}, y, k=1)
+    assert 0.3 < alone["test"] < 1.0 and with_other["test"] == alone["test"]
+
+
+def test_attention_map_keeps_rows_and_columns():
+    from regcls.metrics import attention_maps
+    P, rows, cols = 5, 3, 4          # a non-square grid: a transposed map cannot pass
+    a = np.zeros((1, 2, P + rows * cols))
+    a[0, :, P + 1 * cols + 3] = 1.0  # grid row 1, column 3 in raster order
+    m = attention_maps({"cls_attn": a, "num_prefix_tokens": P, "grid": np.array([rows, cols])})
+    assert m.shape == (1, rows, cols) and m[0, 1, 3] == 1.0 and m.sum() == 1.0
+
+
+def test_paired_cka_difference_uses_the_same_resamples_for_both_pairs():
+    from regcls.metrics import cka_difference_interval
+    X = rng.normal(size=(40, 6))
+    Y1, Y2 = X[:, :3] + 0.3 * rng.normal(size=(40, 3)), X[:, 3:] + 1.5 * rng.normal(size=(40, 3))
+    g = np.random.default_rng(4)
+    idx = [g.integers(0, 40, 40) for _ in range(50)]
+    boots = [cka(X[i], Y1[i]) - cka(X[i], Y2[i]) for i in idx]
+    want = (cka(X, Y1) - cka(X, Y2), *np.percentile(boots, [2.5, 97.5]))
+    np.testing.assert_allclose(cka_difference_interval(X, Y1, X, Y2, n_boot=50, seed=4), want, atol=1e-10)

@@ -178,3 +178,33 @@ def test_ibot_checkpoint_format_loads(tmp_path):
     load_checkpoint(m, tmp_path / "ibot.pth")
     x = torch.randn(2, 3, 48, 48)
     torch.testing.assert_close(trace_batch(m, x)["cls_final"], trace_batch(ref, x)["cls_final"])
+
+
+def test_a_change_in_the_code_that_makes_a_trace_changes_its_cache_key(tmp_path, monkeypatch):
+    """After a fix in trace.py, planted.py, models.py or the image pipeline, no trace (or image store) computed by
+    the old code is read back."""
+    import shutil
+
+    from regcls import cache
+    lib = tmp_path / "regcls"
+    shutil.copytree(cache.LIB_ROOT, lib)
+    monkeypatch.setattr(cache, "LIB_ROOT", lib)
+    before = {names: cache.source_digest(names) for names in (cache.TRACE_SOURCES, cache.STORE_SOURCES)}
+    for name in ("trace.py", "planted.py", "models.py", "data.py"):
+        with open(lib / name, "a") as f:
+            f.write("\n# a fix\n")
+        after = cache.source_digest()
+        assert after != before[cache.TRACE_SOURCES], name
+        before[cache.TRACE_SOURCES] = after
+    assert cache.source_digest(cache.STORE_SOURCES) != before[cache.STORE_SOURCES]
+    # and the keys use it: the same request lands in another file
+    smoke = PROFILES["smoke"]
+    spec = smoke.model("S", True)
+    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path / "c"))
+    first = cache.get_trace(spec, "samples", img_size=28, limit=2, progress=False)
+    stores = set((tmp_path / "c" / "stores").rglob("*.npz"))
+    with open(lib / "data.py", "a") as f:
+        f.write("\n# another fix\n")
+    second = cache.get_trace(spec, "samples", img_size=28, limit=2, progress=False)
+    assert len(list((tmp_path / "c" / "traces").glob("*.npz"))) == 2 and first["meta"] == second["meta"]
+    assert len(set((tmp_path / "c" / "stores").rglob("*.npz")) - stores) == 1

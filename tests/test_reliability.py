@@ -115,7 +115,9 @@ def test_interrupted_trace_leaves_no_file_and_resumes_identically(many_images, u
     out = tmp_path / "t.npz"
     env = {**os.environ, "REGCLS_TEST_PAUSE_AFTER_BATCHES": "3"}  # the run waits after batch 3 for the signal
     proc = subprocess.Popen([sys.executable, "-m", "regcls", *args, "--quiet", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's
+    # background job starts with SIGINT ignored; the user's Ctrl-C reaches a foreground run
     parts = tmp_path / "t.npz.parts"
     assert "paused after 3 batches" in proc.stderr.readline()
     proc.send_signal(sig)

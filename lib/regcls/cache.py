@@ -9,7 +9,20 @@ from pathlib import Path
 
 from .profiles import ModelSpec, Profile, native_bf16
 
-PLANT_VERSION = 1  # bump when planted weights change
+# The library files whose code decides a trace's numbers (the hooks, the weights, the planted controls, the
+# image pipeline) and an image store's pixels: their content is part of each cache key, so a fix in any of them
+# is never hidden by a trace computed by the old code.
+LIB_ROOT = Path(__file__).resolve().parent
+TRACE_SOURCES = ("trace.py", "models.py", "planted.py", "data.py")
+STORE_SOURCES = ("data.py",)
+
+
+def source_digest(names: tuple[str, ...] = TRACE_SOURCES, root: Path | None = None) -> str:
+    """SHA-256 (16 hex digits) of the named library files' content."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + ((root or LIB_ROOT) / name).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -48,8 +61,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     files, ids, labels = dataset_files(dataset, limit, download=True, classes=classes)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
-            "img_size": img_size, "amp": amp, "schema": TRACE_SCHEMA,
-            "plant": PLANT_VERSION if spec.weights.startswith("planted") else None}
+            "img_size": img_size, "amp": amp, "schema": TRACE_SCHEMA, "code": source_digest()}
     path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{content_key(desc)}.npz"
     if path.is_file():
         return load_trace(path)

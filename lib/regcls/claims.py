@@ -9,6 +9,55 @@ from .cache import cache_dir
 from .profiles import Profile, image_cap
 
 
+@dataclass(frozen=True)
+class Rule:
+    """An agreement rule that writes its own text: what is compared, with this run's numbers, and the outcome.
+
+    Build rules with :func:`above`, :func:`below`, :func:`within_factor`, :func:`interval_above`,
+    :func:`monotone` and combine them with :func:`all_of`; a chapter never judges with a bare ``bool``.
+    """
+
+    text: str
+    ok: bool
+
+
+def above(name: str, x: float, bound: float, fmt: str = ".2f") -> Rule:
+    return Rule(f"{name} {x:{fmt}} > {bound:{fmt}}", bool(x > bound))
+
+
+def below(name: str, x: float, bound: float, fmt: str = ".2f") -> Rule:
+    return Rule(f"{name} {x:{fmt}} < {bound:{fmt}}", bool(x < bound))
+
+
+def within_factor(name: str, x: float, paper: float, factor: float) -> Rule:
+    """``x`` within a factor of the paper's value (a log-scale band, for small quantities such as 1 - cos)."""
+    return Rule(f"{name} {x:.2g} within {factor:g}x of the paper's {paper:.2g}",
+                bool(paper / factor <= x <= paper * factor))
+
+
+def interval_above(name: str, ci: tuple[float, float, float], bound: float, fmt: str = ".2f") -> Rule:
+    """A bootstrap interval ``(value, low, high)`` lies above ``bound`` (paired differences: above an effect size)."""
+    v, lo, hi = ci
+    return Rule(f"{name} {v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}] above {bound:{fmt}}", bool(lo > bound))
+
+
+def monotone(name: str, values: dict[str, float], increasing: bool = True, tol: float = 0.0,
+             fmt: str = ".2f") -> Rule:
+    """The values rise (or fall) in the order given (the paper's size order); with ``tol`` a step may go the
+    other way by at most that much (two sizes that both sit at the ceiling, say)."""
+    v = list(values.values())
+    step = [b - a if increasing else a - b for a, b in zip(v, v[1:])]
+    sign = " < " if increasing else " > "
+    slack = f" (steps back of at most {tol:{fmt}} allowed)" if tol else ""
+    return Rule(f"{name} {'rises' if increasing else 'falls'} with size: "
+                + sign.join(f"{k} {x:{fmt}}" for k, x in values.items()) + slack,
+                bool(len(v) > 1 and all((d > 0) if not tol else (d >= -tol) for d in step)))
+
+
+def all_of(*rules: Rule) -> Rule:
+    return Rule("; ".join(r.text for r in rules), all(r.ok for r in rules))
+
+
 @dataclass
 class ClaimCheck:
     """One claim of the paper, what the paper shows, what this run measured, and whether they agree.
@@ -24,16 +73,19 @@ class ClaimCheck:
     agrees: bool | None
     profile: str
     images_cap: int | None = field(default_factory=image_cap)
+    rule: str = ""  # the agreement rule with this run's numbers (Rule.text)
 
     @property
     def verdict(self) -> str:
         return {True: "agrees", False: "does not agree", None: "not testable on this profile"}[self.agrees]
 
 
-def check(section: str, claim: str, paper: str, ours: str, agrees: bool, profile: Profile,
+def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
           needs: tuple[str, ...] = (), missing: list[str] | None = None) -> ClaimCheck:
     """A claim row; when ``profile`` lacks a model size in ``needs`` the row is "not testable" instead.
 
+    ``ours`` is this run's numbers (text) and ``agrees`` a :class:`Rule`; either may be a function without
+    arguments, called only when the profile has every size in ``needs`` (so that it may index them).
     ``needs`` names sizes of the DINOv2 models with registers (``("L", "g")``) the claim is about;
     ``missing`` gives the missing sizes directly (appendix families, :func:`regcls.profiles.appendix_missing`).
     """
@@ -43,9 +95,14 @@ def check(section: str, claim: str, paper: str, ours: str, agrees: bool, profile
     else:
         what = "the series' other sizes"
     if missing:
+        measured = "" if callable(ours) else f" Measured: {ours}"
         return ClaimCheck(section, claim, paper, f"needs {', '.join(missing)}, which the {profile.name} profile "
-                          f"does not have ({what}). Measured: {ours}", None, profile.name)
-    return ClaimCheck(section, claim, paper, ours, bool(agrees), profile.name)
+                          f"does not have ({what}).{measured}", None, profile.name)
+    ours = ours() if callable(ours) else ours
+    agrees = agrees() if callable(agrees) else agrees
+    rule = agrees.text if isinstance(agrees, Rule) else ""
+    return ClaimCheck(section, claim, paper, ours, bool(agrees.ok if isinstance(agrees, Rule) else agrees),
+                      profile.name, rule=rule)
 
 
 def table(checks: list[ClaimCheck]):
@@ -54,7 +111,7 @@ def table(checks: list[ClaimCheck]):
 
     short = {True: "yes", False: "no", None: "not testable"}
     df = pd.DataFrame([{"section": c.section, "claim": c.claim, "paper": c.paper, "this run": c.ours,
-                        "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
+                        "rule (agrees if)": c.rule or "-", "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
                         "agrees": short[c.agrees]} for c in checks])
     return df.style.hide(axis="index")
 

@@ -364,7 +364,8 @@ def image_store(files: list[Path], ids: list[str], geometry: Geometry, cache: Pa
     """The store for these files at this geometry, read from ``cache`` when it was built before."""
     if cache is None:
         return decode_images(files, ids, geometry, progress=progress)
-    digest = hashlib.sha256(("\n".join(ids) + geometry.key()).encode()).hexdigest()[:16]
+    from .cache import STORE_SOURCES, source_digest
+    digest = hashlib.sha256(("\n".join(ids) + geometry.key() + source_digest(STORE_SOURCES)).encode()).hexdigest()[:16]
     path = Path(cache) / f"store-{geometry.key()}-{digest}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:

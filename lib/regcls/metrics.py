@@ -154,6 +154,38 @@ def cka_interval(X: np.ndarray, Y: np.ndarray, debiased: bool = False, n_boot: i
     return (value, *_percentiles(cka_resampled(X, Y, counts), level))
 
 
+def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: np.ndarray, n_boot: int = 1000,
+                            level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """``cka(X1, Y1) - cka(X2, Y2)`` with a *paired* percentile bootstrap interval: each resample draws the same
+    images for both pairs (the rows of all four arrays are the same images, e.g. two model sizes).
+
+    Pairing removes the images' shared variation from the contrast, so the interval is that of the difference
+    itself, not of two separate intervals. ``n_boot=0`` skips the resampling (NaN interval).
+    """
+    n = len(X1)
+    if not len(Y1) == len(X2) == len(Y2) == n:
+        raise ValueError("a paired contrast needs the same images in every array")
+    value = cka(X1, Y1) - cka(X2, Y2)
+    if n_boot == 0:
+        return value, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)], axis=1)
+    return (value, *_percentiles(cka_resampled(X1, Y1, counts) - cka_resampled(X2, Y2, counts), level))
+
+
+def same_images(traces) -> list[str]:
+    """The image ids the traces share, in order; a one-line error when they differ (no paired contrast then)."""
+    from .errors import RegclsError
+
+    traces = list(traces)
+    ids = [str(i) for i in traces[0]["image_ids"]]
+    for t in traces[1:]:
+        if [str(i) for i in t["image_ids"]] != ids:
+            raise RegclsError(f"{t['meta'].get('model', 'a trace')} was traced on other images than "
+                              f"{traces[0]['meta'].get('model', 'the first')}: size contrasts need the same images")
+    return ids
+
+
 def cka_resampled(X: np.ndarray, Y: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Linear CKA of resamples of the rows of X (n, d1) and Y (n, d2): ``counts`` (n, B) says how often each
     row occurs in each of B resamples. Returns (B,), equal to ``cka(X[idx], Y[idx])`` for each resample.

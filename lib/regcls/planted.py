@@ -17,11 +17,11 @@ then fixes the last block:
     blocks. Expected: register share > 0.95; the patch part's variation < 0.1 x the full output's;
     register-only CKA > 0.95 and > patch-only CKA + 0.1; one-shot accuracy near chance from the patch-only
     output, far above it from the register-only output; the same register has the highest norm for every
-    image (> 3x the next token), its cosine across images > 0.99, its top dimensions shrink > 10x after the
+    image (> 3x the next token), its cosine across images > 0.99, its top dimensions shrink > 100x after the
     LayerNorm, and a linear probe still reads the image class from it.
 ``skip_dominated`` (positive control, no registers)
     LayerScale shrinks along the depth and is tiny in the last block, so the skip term dominates and the
-    [CLS] converges smoothly. Expected: skip norm > 10 x patch-part norm; cosine of the penultimate to the
+    [CLS] converges smoothly. Expected: skip norm > 100 x patch-part norm; cosine of the penultimate to the
     final [CLS] > 0.99; CKA of the standard output with the skip-only output > 0.99.
 """
 from __future__ import annotations

@@ -1,0 +1,70 @@
+"""The chapters check their own verdicts: on the smoke profile every planted pattern has a known answer, so
+every claim row has an expected verdict. A change in any row fails here, naming the row.
+
+``make test`` runs the chapter notebooks before this file (they record their claims in ``REGCLS_CACHE``); run
+alone, this test executes the chapters first.
+"""
+import pytest
+
+from regcls.claims import collect
+
+# (chapter record, start of the claim) -> expected verdict; rows expected to disagree say why.
+EXPECTED = {
+    ("3.1", "Large models attend more to registers"): True,
+    ("3.1", "The giant model's share varies strongly"): (False, "per-image variation is not planted: the "
+                                                          "register reader attends to registers on every image"),
+    ("3.2", "The same register has the highest norm"): True,
+    ("3.2", "Its mean pairwise cosine across images is 0.9989"): True,
+    ("3.2", "LayerNorm scales the outlier dimensions down"): True,
+    ("3.2", "The token still carries image-specific content"): True,
+    ("3.3", "Small models: the patch-only output matches"): True,
+    ("3.3", "Patch-only CKA collapses as size grows"): True,
+    ("3.3", "In giant, the register-only output matches better"): True,
+    ("3.3", "One-shot accuracy from patch-only outputs is poor"): True,
+    ("3.4", "For the example image the patch-based output is orthogonal"): True,
+    ("3.4", "Not every image is this extreme"): True,
+    ("3.4", "The attention map (patch term) explains only part"): True,
+    ("4.1", "S, B and L use both the skip term and the patches"): True,
+    ("4.1", "S, B, L jump at the last layer"): True,
+    ("4.1", "For large models the patch-based output does not represent"): True,
+    ("App.", "DeiT III: attention to the skip path grows with size"): True,
+    ("App.", "CLIP: attention to the skip path grows with size"): (False, "the CLIP stand-ins are random-"
+                                                                    "initialised: no pattern is planted"),
+    ("App.", "iBOT: attention to the skip path grows with size"): (False, "the iBOT stand-ins are random-"
+                                                                    "initialised: no pattern is planted"),
+    ("App.", "DeiT III: the tiny model (less data) behaves like the huge one"): (
+        False, "the DeiT III stand-ins plant opposite patterns: S integrates patches, H reads its skip term"),
+    ("App.", "DeiT III integrates early at every size"): (False, "the S stand-in is a patch integrator, which "
+                                                           "integrates at the last block"),
+    ("App.", "CLIP mirrors DINOv2 layer-wise"): (False, "the CLIP stand-ins are random-initialised"),
+    ("App.", "iBOT mirrors DINOv2 layer-wise"): True,
+}
+
+
+def _expected(verdict):
+    return verdict[0] if isinstance(verdict, tuple) else verdict
+
+
+@pytest.fixture(scope="module")
+def rows():
+    checks = collect("smoke")
+    if len(checks) < len(EXPECTED):  # run alone: execute the chapters that record claims
+        from test_profile_shapes import run_notebook
+        for name in ("sec3_1_register_attention.ipynb", "sec3_2_register_norms.ipynb",
+                     "sec3_3_register_knockout.ipynb", "sec3_4_attention_maps.ipynb",
+                     "sec4_1_skip_connection.ipynb", "appendix_other_recipes.ipynb"):
+            run_notebook(name)
+        checks = collect("smoke")
+    return checks
+
+
+def test_every_row_has_its_expected_verdict(rows):
+    seen, wrong = set(), []
+    for c in rows:
+        keys = [k for k in EXPECTED if k[0] == c.section and c.claim.startswith(k[1])]
+        assert len(keys) == 1, f"claim row without an expected verdict (add it to EXPECTED): {c.section} {c.claim!r}"
+        seen.add(keys[0])
+        if c.agrees != _expected(EXPECTED[keys[0]]):
+            wrong.append(f"{c.section} {c.claim!r}: expected {_expected(EXPECTED[keys[0]])}, got {c.agrees} ({c.ours})")
+    assert not wrong, "smoke verdicts changed:\n" + "\n".join(wrong)
+    assert seen == set(EXPECTED), f"rows missing from the claims records: {sorted(set(EXPECTED) - seen)}"
