@@ -18,15 +18,18 @@ EXPECTED = {
     ("3.2", "LayerNorm scales the outlier dimensions down"): True,
     ("3.2", "The token still carries image-specific content"): True,
     ("3.3", "Small models: the patch-only output matches"): True,
-    ("3.3", "Patch-only CKA collapses as size grows"): True,
+    ("3.3", "Patch-only CKA collapses as size grows"): (False, "the planted register reader keeps a patch-only CKA "
+                                                        "of about 0.8: the drop from S (0.19) is below the rule's 0.3"),
     ("3.3", "In giant, the register-only output matches better"): True,
     ("3.3", "One-shot accuracy from patch-only outputs is poor"): True,
     ("3.4", "For the example image the patch-based output is orthogonal"): True,
     ("3.4", "Not every image is this extreme"): True,
-    ("3.4", "The attention map (patch term) explains only part"): True,
+    ("3.4", "The attention map (patch term) explains only part"): (False, "the planted patch part still lines up "
+                                                                  "with the full output across images (CKA 0.8)"),
     ("4.1", "S, B and L use both the skip term and the patches"): True,
     ("4.1", "S, B, L jump at the last layer"): True,
-    ("4.1", "For large models the patch-based output does not represent"): True,
+    ("4.1", "For large models the patch-based output does not represent"): (
+        False, "the skip-dominated plant's patch part tracks what its skip term carries (CKA 0.9 > 0.5)"),
     ("App.", "DeiT III: attention to the skip path grows with size"): True,
     ("App.", "CLIP: attention to the skip path grows with size"): (False, "the CLIP stand-ins are random-"
                                                                     "initialised: no pattern is planted"),
@@ -68,3 +71,29 @@ def test_every_row_has_its_expected_verdict(rows):
             wrong.append(f"{c.section} {c.claim!r}: expected {_expected(EXPECTED[keys[0]])}, got {c.agrees} ({c.ours})")
     assert not wrong, "smoke verdicts changed:\n" + "\n".join(wrong)
     assert seen == set(EXPECTED), f"rows missing from the claims records: {sorted(set(EXPECTED) - seen)}"
+
+
+# Rows that compare sizes, and must flip when B behaves like g (profile smoke-violated).
+SIZE_RULES = {
+    "sec3_1": ["Large models attend more to registers"],
+    # ("Small models: the patch-only output matches" does not flip: at B's width the planted register reader
+    # keeps a patch-only CKA of 0.93, above the rule's 0.9 -- a weakness of the plant, not of the rule.)
+    "sec3_3": ["One-shot accuracy from patch-only outputs is poor"],
+    "sec4_1": ["S, B and L use both the skip term and the patches", "S, B, L jump at the last layer"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_violation_at_an_intermediate_size_flips_the_size_rules(monkeypatch):
+    from test_profile_shapes import run_notebook
+    monkeypatch.setenv("REGCLS_PROFILE", "smoke-violated")
+    for name in ("sec3_1_register_attention.ipynb", "sec3_3_register_knockout.ipynb", "sec4_1_skip_connection.ipynb"):
+        run_notebook(name)
+    rows = collect("smoke-violated")
+    for claims in SIZE_RULES.values():
+        for start in claims:
+            row = [c for c in rows if c.claim.startswith(start)]
+            assert len(row) == 1, start
+            assert _expected(EXPECTED[row[0].section, start]) is True       # agrees on smoke ...
+            assert row[0].agrees is False, f"{start!r} still agrees with B planted like g: {row[0].rule}"

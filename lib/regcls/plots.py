@@ -54,8 +54,8 @@ def banner(profile: Profile):
         return HTML(f'<div class="regcls-rehearsal-banner">{_box("danger", "Rehearsal: random weights, never to be published", body)}</div>')
     if profile.name.startswith("smoke"):
         body = ("The figures on this page come from the <b>smoke profile</b>: tiny ViTs with planted weights "
-                "(the small sizes are negative controls that integrate patches, the large sizes positive "
-                "controls that read registers or their own skip connection) on images that ship with Python "
+                "in the pattern the paper reports (S and B integrate patches; with registers L and g read the "
+                "registers, without registers g reads its own skip connection) on images that ship with Python "
                 "packages. The pattern is planted to check the analysis and is <b>no evidence for or against "
                 "the paper</b>; the paper profile gives the evidence. To get real figures, run the book with "
                 "<code>make book PROFILE=paper</code> on a GPU, or this notebook on Colab with "

@@ -132,11 +132,11 @@ SMOKE_SIZES = {
     "L": dict(embed_dim=96, depth=6, num_heads=4),
     "g": dict(embed_dim=128, depth=8, num_heads=4),
 }
-SMOKE_PLANT = {  # (size, registers) -> planted kind
-    ("S", True): "patch_integrator", ("B", True): "patch_integrator",
+SMOKE_PLANT = {  # (size, registers) -> planted kind, in the pattern the paper reports
+    ("S", True): "patch_integrator", ("B", True): "patch_integrator",     # Sec. 3: L and g read registers
     ("L", True): "register_reader", ("g", True): "register_reader",
-    ("S", False): "patch_integrator", ("B", False): "patch_integrator",
-    ("L", False): "skip_dominated", ("g", False): "skip_dominated",
+    ("S", False): "patch_integrator", ("B", False): "patch_integrator",   # Sec. 4: only g reads its skip term
+    ("L", False): "patch_integrator", ("g", False): "skip_dominated",
 }
 
 
@@ -211,6 +211,21 @@ def appendix_missing(profile: Profile, family: str) -> list[str]:
     full = dict(SMOKE_APPENDIX if profile.name.startswith("smoke") else PAPER_APPENDIX)[family]
     have = {m.size for m in dict(profile.appendix).get(family, ())}
     return [m.size for m in full if m.size not in have]
+
+
+def _violated(m: ModelSpec) -> ModelSpec:
+    if m.size != "B":
+        return m
+    return ModelSpec(m.size, m.arch, m.tag, "planted:register_reader" if m.registers else "planted:skip_dominated",
+                     m.overrides)
+
+
+# The smoke models with the paper's pattern broken at an intermediate size: B reads its registers (and, without
+# registers, its skip term) like g. The tests run the chapters on it: every rule about sizes must flip.
+PROFILES["smoke-violated"] = Profile(
+    name="smoke-violated", models=tuple(_violated(m) for m in PROFILES["smoke"].models), dataset="samples",
+    limit=None, labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16, device="cpu",
+    alt_img_size=224, appendix=SMOKE_APPENDIX, note="the smoke models with B planted like g (for tests)")
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
