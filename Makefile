@@ -15,13 +15,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[book,test]"
 	touch $@
 
-# The execution cache is kept per profile, so a smoke build never shows up in a paper build.
+# The execution cache is kept per profile (a smoke build never shows up in a paper build) and per library
+# content (jupyter-cache re-runs a notebook only when its cells change; a fix in lib/regcls must reach the pages).
 book: venv
 	@prof=$$($(PY) -c "from regcls.profiles import active_profile; print(active_profile(verbose=False).name)"); \
 	echo "building the book on the $$prof profile"; \
 	mkdir -p _build; \
+	lib=$$(cat lib/regcls/*.py | sha256sum | cut -c1-16); \
 	if [ -f _build/.profile ] && [ "$$(cat _build/.profile)" != "$$prof" ]; then rm -rf _build/.jupyter_cache _build/html _build/jupyter_execute; fi; \
-	echo $$prof > _build/.profile; \
+	if [ -f _build/.library ] && [ "$$(cat _build/.library)" != "$$lib" ]; then echo "the library changed: every chapter runs again"; rm -rf _build/.jupyter_cache _build/jupyter_execute; fi; \
+	echo $$prof > _build/.profile; echo $$lib > _build/.library; \
 	REGCLS_PROFILE=$$prof $(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
 
 # The chapters run first: they record the smoke claims that tests/test_smoke_verdicts.py checks.

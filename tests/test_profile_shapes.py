@@ -61,3 +61,12 @@ def test_limit_must_be_a_usable_number(raw, monkeypatch):
     monkeypatch.setenv("REGCLS_LIMIT", raw)
     with pytest.raises(RegclsError, match="REGCLS_LIMIT"):
         image_cap()
+
+
+def test_claim_rows_say_which_code_computed_them():
+    from regcls.claims import ClaimCheck, code_stamp
+
+    now = ClaimCheck("3.1", "c", "p", "o", True, "smoke")
+    assert now.stamp == code_stamp() and "library " in now.stamp and not now.stale
+    old = ClaimCheck("3.1", "c", "p", "o", True, "smoke", stamp="commit 0000000, library 0123456789abcdef")
+    assert old.stale

@@ -74,10 +74,32 @@ class ClaimCheck:
     profile: str
     images_cap: int | None = field(default_factory=image_cap)
     rule: str = ""  # the agreement rule with this run's numbers (Rule.text)
+    stamp: str = field(default_factory=lambda: code_stamp())  # which code computed the row (commit, library)
+
+    @property
+    def stale(self) -> bool:
+        """Recorded by other library code than the one running now: the chapter must run again."""
+        return self.stamp.split(" ")[-1] != code_stamp().split(" ")[-1]
 
     @property
     def verdict(self) -> str:
         return {True: "agrees", False: "does not agree", None: "not testable on this profile"}[self.agrees]
+
+
+def code_stamp() -> str:
+    """``"commit abc1234, library 0123456789abcdef"``: the git commit (when the library sits in a checkout) and a
+    digest of every library file, so that a claim row says which code computed it."""
+    import subprocess
+
+    from .cache import LIB_ROOT, source_digest
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    names = tuple(sorted(p.name for p in LIB_ROOT.glob("*.py")))
+    return f"commit {commit}, library {source_digest(names)}"
 
 
 def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
@@ -112,7 +134,8 @@ def table(checks: list[ClaimCheck]):
     short = {True: "yes", False: "no", None: "not testable"}
     df = pd.DataFrame([{"section": c.section, "claim": c.claim, "paper": c.paper, "this run": c.ours,
                         "rule (agrees if)": c.rule or "-", "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
-                        "agrees": short[c.agrees]} for c in checks])
+                        "agrees": short[c.agrees] + (" (stale: other code, rerun the chapter)" if c.stale else ""),
+                        "computed by": c.stamp} for c in checks])
     return df.style.hide(axis="index")
 
 

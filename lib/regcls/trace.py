@@ -101,15 +101,19 @@ class Tracer:
 
         def on_qkv(i):
             def hook(_mod, _inp, qkv):
-                a, v = _cls_row(blocks[i].attn, qkv)
-                mass[i] = torch.stack([p.sum(-1) for p in _split(a, P)], dim=-1)  # (B, H, 3)
-                if i == last:
-                    self.rec["cls_attn"] = a
-                    for name, ap, vp in zip(PARTS, _split(a, P), _split(v.to(a.dtype).transpose(-2, -1), P)):
-                        # sum_i a_i v_i over the part: (B, H, hd) -> heads concatenated (B, D)
-                        val = (vp @ ap.unsqueeze(-1)).squeeze(-1)
-                        self.rec[f"attn_val_{name}"] = val.flatten(1)
+                with torch.autocast(qkv.device.type, enabled=False):  # the trace's own arithmetic in float32
+                    record(i, qkv)
             return hook
+
+        def record(i, qkv):
+            a, v = _cls_row(blocks[i].attn, qkv)
+            mass[i] = torch.stack([p.sum(-1) for p in _split(a, P)], dim=-1)  # (B, H, 3)
+            if i == last:
+                self.rec["cls_attn"] = a
+                for name, ap, vp in zip(PARTS, _split(a, P), _split(v.to(a.dtype).transpose(-2, -1), P)):
+                    # sum_i a_i v_i over the part: (B, H, hd) -> heads concatenated (B, D)
+                    val = (vp @ ap.unsqueeze(-1)).squeeze(-1)
+                    self.rec[f"attn_val_{name}"] = val.flatten(1)
 
         # Slices are cloned: a view would keep the whole (B, N, D) activation of its block alive.
         def on_block(i):
@@ -151,6 +155,12 @@ class Tracer:
         del feats
         rec["attn_mass"] = torch.stack(self._mass, dim=1)       # (B, L, H, 3)
         rec["cls_layers"] = torch.stack(self._layers, dim=1)    # (B, L, D)
+        with torch.autocast(images.device.type, enabled=False):  # float32 (or wider), also under autocast
+            self._project(rec)
+        return rec
+
+    def _project(self, rec: dict[str, torch.Tensor]) -> None:
+        """The last block's parts through the output projection and LayerScale: attn_out_* and the bias."""
         last = self.model.blocks[-1]
         weight, bias = last.attn.proj.weight, last.attn.proj.bias
         dtype = rec["attn_val_cls"].dtype
@@ -165,7 +175,6 @@ class Tracer:
         b = bias.to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
         self.bias = b * gamma if gamma is not None else b
         rec["attn_out_full"] = rec["attn_out_cls"] + rec["attn_out_reg"] + rec["attn_out_patch"] + self.bias
-        return rec
 
 
 # bfloat16 autocast is used only where it agrees with float32 this closely (checked on the first images).
