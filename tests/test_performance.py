@@ -111,7 +111,7 @@ def test_device_benchmark_and_projection_run_on_the_cpu():
     assert r["identity_fp32"] < 1e-5 and isinstance(r["ok"], bool)
     assert r["end_to_end_precision"] == ("bf16" if r["ok"] else "fp32")
     jobs = bench.paper_workload()
-    assert len(jobs) == 8 + 4 + 4 + 10
+    assert len(jobs) == 8 + 4 + 4 + 11   # appendix: DeiT III S-H, its ImageNet-1k-only small, CLIP B-H, iBOT S-L
     assert sum(j["img_size"] == 518 for j in jobs) == 4 and sum(j["dataset"] == "imagenetv2" for j in jobs) == 4
     proj = bench.project_paper(rows)
     assert proj["traces"] == len(jobs) and proj["flop_scaled"] == len(jobs) and proj["trace_seconds"] > 0

@@ -35,8 +35,7 @@ EXPECTED = {
                                                                     "initialised: no pattern is planted"),
     ("App.", "iBOT: attention to the skip path grows with size"): (False, "the iBOT stand-ins are random-"
                                                                     "initialised: no pattern is planted"),
-    ("App.", "DeiT III: the tiny model (less data) behaves like the huge one"): (
-        False, "the DeiT III stand-ins plant opposite patterns: S integrates patches, H reads its skip term"),
+    ("App.", "DeiT III: the tiny model (less data) behaves like the huge one"): True,
     ("App.", "DeiT III integrates early at every size"): (False, "the S stand-in is a patch integrator, which "
                                                            "integrates at the last block"),
     ("App.", "CLIP mirrors DINOv2 layer-wise"): (False, "the CLIP stand-ins are random-initialised"),

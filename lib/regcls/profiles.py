@@ -150,26 +150,28 @@ def _tiny(size, arch, weights, **over) -> ModelSpec:
     return ModelSpec(size=size, arch=arch, weights=weights, overrides=tuple(sorted(over.items())))
 
 
-# The appendix families (paper Figs. 7-9). Which public sizes stand for the paper's "tiny" and "huge" is an
-# open choice: DeiT III has no tiny checkpoint in timm, so the small ImageNet-1k-only model (less data, like
-# the paper's tiny) stands for it. iBOT is not in timm: its official checkpoints load with --checkpoint
-# (files named in REGCLS_IBOT_DIR, see the appendix chapter).
+# The appendix families (paper Figs. 7-9). Each size series is one training recipe, so that size is not confounded
+# with data: DeiT III ImageNet-22k -> 1k at every size, CLIP trained on LAION-2B at every size (OpenAI's weights
+# stop at L). The paper's DeiT III "tiny trained on less data" is its own entry: timm has no DeiT III tiny, so the
+# small model trained on ImageNet-1k only stands for it. iBOT is not in timm: its official checkpoints load with
+# --checkpoint (files named below, under REGCLS_CHECKPOINTS; see the appendix chapter).
+SIZE_SERIES = ("DeiT III", "CLIP", "iBOT")   # families whose sizes form a series; others are single comparisons
+LESS_DATA = "DeiT III, ImageNet-1k only"
 SMOKE_APPENDIX = (
     ("DeiT III", (_tiny("S", "deit3_small_patch16_224", "planted:patch_integrator", embed_dim=48, depth=4, num_heads=3),
                   _tiny("H", "deit3_huge_patch14_224", "planted:skip_dominated", embed_dim=96, depth=6, num_heads=4))),
+    (LESS_DATA, (_tiny("S", "deit3_small_patch16_224", "planted:skip_dominated", embed_dim=48, depth=4, num_heads=3),)),
     ("CLIP", (_tiny("B", "vit_base_patch16_clip_224", "random:0", embed_dim=48, depth=4, num_heads=3),
               _tiny("L", "vit_large_patch14_clip_224", "random:0", embed_dim=96, depth=6, num_heads=4))),
     ("iBOT", (_tiny("S", "vit_small_patch16_224", "random:0", embed_dim=48, depth=4, num_heads=3),
               _tiny("L", "vit_large_patch16_224", "random:0", embed_dim=96, depth=6, num_heads=4))),
 )
 PAPER_APPENDIX = (
-    ("DeiT III", (ModelSpec("S", "deit3_small_patch16_224", "fb_in1k"),
-                  ModelSpec("B", "deit3_base_patch16_224", "fb_in22k_ft_in1k"),
-                  ModelSpec("L", "deit3_large_patch16_224", "fb_in22k_ft_in1k"),
-                  ModelSpec("H", "deit3_huge_patch14_224", "fb_in22k_ft_in1k"))),
-    ("CLIP", (ModelSpec("B", "vit_base_patch16_clip_224", "openai"),
-              ModelSpec("L", "vit_large_patch14_clip_224", "openai"),
-              ModelSpec("H", "vit_huge_patch14_clip_224", "laion2b"))),
+    ("DeiT III", tuple(ModelSpec(s, f"deit3_{n}_patch{p}_224", "fb_in22k_ft_in1k")
+                       for s, n, p in (("S", "small", 16), ("B", "base", 16), ("L", "large", 16), ("H", "huge", 14)))),
+    (LESS_DATA, (ModelSpec("S", "deit3_small_patch16_224", "fb_in1k"),)),
+    ("CLIP", tuple(ModelSpec(s, f"vit_{n}_patch{p}_clip_224", "laion2b")
+                   for s, n, p in (("B", "base", 16), ("L", "large", 14), ("H", "huge", 14)))),
     ("iBOT", (ModelSpec("S", "vit_small_patch16_224", None, "checkpoint:ibot_vits_16.pth"),
               ModelSpec("B", "vit_base_patch16_224", None, "checkpoint:ibot_vitb_16.pth"),
               ModelSpec("L", "vit_large_patch16_224", None, "checkpoint:ibot_vitl_16.pth"))),
