@@ -273,12 +273,7 @@ def _full_images(profile, dataset: str) -> int:
     """Images of ``dataset`` the uncapped profile traces."""
     from regcls.data import DATASETS
 
-    saved = os.environ.pop("REGCLS_LIMIT", None)
-    try:
-        limit, classes = profile.sample(dataset)
-    finally:
-        if saved is not None:
-            os.environ["REGCLS_LIMIT"] = saved
+    limit, classes = profile.sample(dataset, capped=False)
     total = DATASETS[dataset].n_images if dataset in DATASETS else 0
     if classes:
         total = min(total, classes * 10)

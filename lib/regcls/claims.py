@@ -2,6 +2,7 @@
 claims page collects the records."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -89,17 +90,24 @@ class ClaimCheck:
 def code_stamp() -> str:
     """``"commit abc1234, library 0123456789abcdef"``: the git commit (when the library sits in a checkout) and a
     digest of every library file, so that a claim row says which code computed it."""
-    import subprocess
-
     from .cache import LIB_ROOT, source_digest
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
     names = tuple(sorted(p.name for p in LIB_ROOT.glob("*.py")))
-    return f"commit {commit}, library {source_digest(names)}"
+    return f"commit {_commit()}, library {source_digest(names)}"
+
+
+@functools.lru_cache(maxsize=1)
+def _commit() -> str:
+    """The checkout's short commit, asked of git once per process (every claim row is stamped with it)."""
+    import subprocess
+
+    from .cache import LIB_ROOT
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,

@@ -149,9 +149,13 @@ def cka_interval(X: np.ndarray, Y: np.ndarray, debiased: bool = False, n_boot: i
     value = cka(X, Y)
     if n_boot == 0:
         return value, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)  # the same resamples as bootstrap_ci draws
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)], axis=1)
-    return (value, *_percentiles(cka_resampled(X, Y, counts), level))
+    return (value, *_percentiles(cka_resampled(X, Y, _resample_counts(n, n_boot, seed)), level))
+
+
+def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n, n_boot): how often each image occurs in each resample -- the same resamples as bootstrap_ci draws."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)], axis=1)
 
 
 def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: np.ndarray, n_boot: int = 1000,
@@ -168,8 +172,7 @@ def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: 
     value = cka(X1, Y1) - cka(X2, Y2)
     if n_boot == 0:
         return value, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)], axis=1)
+    counts = _resample_counts(n, n_boot, seed)
     return (value, *_percentiles(cka_resampled(X1, Y1, counts) - cka_resampled(X2, Y2, counts), level))
 
 

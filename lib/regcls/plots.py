@@ -111,10 +111,11 @@ def run_box(profile: Profile, notebook: str):
     from .profiles import image_cap
 
     colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
+    cap = image_cap()
     body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '
             f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
             f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell."
-            + (f" Images capped at <b>{image_cap()}</b> per dataset (<code>REGCLS_LIMIT</code>)." if image_cap() else ""))
+            + (f" Images capped at <b>{cap}</b> per dataset (<code>REGCLS_LIMIT</code>)." if cap else ""))
     return HTML(_box("tip", "Run this chapter", body))
 
 

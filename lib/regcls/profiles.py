@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import RegclsError
 
@@ -84,8 +84,9 @@ class Profile:
         """The sizes this profile has (with or without registers), in the paper's order."""
         return [m.size for m in self.models_with(registers)]
 
-    def sample(self, dataset: str) -> tuple[int | None, int | None]:
-        """``(images, classes)`` of ``dataset`` on this profile, with the ``REGCLS_LIMIT`` cap applied.
+    def sample(self, dataset: str, capped: bool = True) -> tuple[int | None, int | None]:
+        """``(images, classes)`` of ``dataset`` on this profile, with the ``REGCLS_LIMIT`` cap applied (unless
+        ``capped`` is False: what the full run traces).
 
         Labelled sets keep whole classes: under a cap of N images, the first ``N // 2`` classes with two
         images each (at least two classes), so the one-shot test keeps one image to learn from and one to test.
@@ -93,13 +94,13 @@ class Profile:
         labelled = dataset == self.labelled
         limit = self.labelled_limit if labelled else self.limit
         classes = self.labelled_classes if labelled else None
-        cap = image_cap()
+        cap = image_cap() if capped else None
         if cap is None:
             return limit, classes
         if not labelled:
             return min(limit or cap, cap), None
         classes = max(2, min(classes or cap // 2, cap // 2))
-        return 2 * classes if limit is None or limit > 2 * classes else limit, classes
+        return min(limit or 2 * classes, 2 * classes), classes
 
     def model(self, size: str, registers: bool) -> ModelSpec:
         for m in self.models_with(registers):
@@ -201,10 +202,9 @@ PROFILES: dict[str, Profile] = {
 # The smoke models in the shape of ``laptop`` (S and B only; one model of each appendix family, fewer than any
 # family has on ``laptop``):
 # the tests run every chapter on it, so a chapter that indexes a size a profile lacks fails in seconds.
-PROFILES["smoke-laptop"] = Profile(
-    name="smoke-laptop", models=tuple(m for m in PROFILES["smoke"].models if m.size in ("S", "B")),
-    dataset="samples", limit=None, labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16,
-    device="cpu", alt_img_size=224, appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX),
+PROFILES["smoke-laptop"] = replace(
+    PROFILES["smoke"], name="smoke-laptop", models=tuple(m for m in PROFILES["smoke"].models if m.size in ("S", "B")),
+    appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX),
     note="the smoke profile's S and B models only, shaped like the laptop profile (for tests)")
 
 
@@ -224,10 +224,9 @@ def _violated(m: ModelSpec) -> ModelSpec:
 
 # The smoke models with the paper's pattern broken at an intermediate size: B reads its registers (and, without
 # registers, its skip term) like g. The tests run the chapters on it: every rule about sizes must flip.
-PROFILES["smoke-violated"] = Profile(
-    name="smoke-violated", models=tuple(_violated(m) for m in PROFILES["smoke"].models), dataset="samples",
-    limit=None, labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16, device="cpu",
-    alt_img_size=224, appendix=SMOKE_APPENDIX, note="the smoke models with B planted like g (for tests)")
+PROFILES["smoke-violated"] = replace(
+    PROFILES["smoke"], name="smoke-violated", models=tuple(_violated(m) for m in PROFILES["smoke"].models),
+    note="the smoke models with B planted like g (for tests)")
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
