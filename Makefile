@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROFILE ?=
 export REGCLS_PROFILE := $(PROFILE)
 
-.PHONY: book test venv clean bench rehearsal
+.PHONY: book test venv clean bench rehearsal mutate
 
 venv: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: venv
 # the book on PROFILE (laptop by default; paper needs ~25 GB of disk). See tests/rehearsal.py.
 rehearsal: venv
 	$(PY) tests/rehearsal.py --profile $(or $(PROFILE),laptop) $(if $(LIMIT),--limit $(LIMIT)) $(REHEARSAL_ARGS)
+
+# Mutation testing of metrics, probe, the trace's hooks and the image pipeline (not in CI; ~5 min). See tests/mutate.py.
+mutate: venv
+	$(PY) -m pip install -q -c constraints.txt -e ".[mutate]"
+	$(PY) tests/mutate.py
 
 bench: venv
 	$(PY) -m regcls.bench

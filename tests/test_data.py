@@ -1,4 +1,7 @@
 """The image pipeline equals timm's own eval transform, and labels stay with their images."""
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -61,3 +64,165 @@ def test_labels_stay_with_their_images_when_a_file_is_skipped(tmp_path):
     t = load_trace(tmp_path / "t.npz")
     assert len(t["image_ids"]) == 8 and "1/1.png" not in list(t["image_ids"])
     assert [int(str(i).split("/")[0]) for i in t["image_ids"]] == t["labels"].tolist()
+
+
+# ------------------------------------------------------------------ every pixel format, exact values
+
+def _img16(mode, arr):
+    return Image.frombytes(mode, (arr.shape[1], arr.shape[0]), arr.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+
+
+def _rgb(im):
+    from regcls.data import load_rgb
+    path = Path(tempfile.mkdtemp()) / "im.tif"
+    im.save(path)
+    out = load_rgb(path)
+    assert out.mode == "RGB"
+    return np.asarray(out)
+
+
+def _grey(values):  # expected RGB of a grey image
+    return np.repeat(np.asarray(values, np.uint8)[..., None], 3, -1)
+
+
+# 60000 -> 233 (a 255/65535 scale), not 234; 51529 -> 201 (/65535), not 200 (/65536)
+V16 = np.array([[0, 257, 30000, 60000], [65535, 1000, 40000, 51529]])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
+def test_16_bit_images_scale_to_8_bits(mode):
+    want = np.floor(V16 * 255.0 / 65535.0 + 0.5)
+    im = _img16(mode, V16) if mode != "I;16L" else _img16("I;16", V16)
+    np.testing.assert_array_equal(_rgb(im), _grey(want))
+
+
+def test_16_bit_images_scale_from_16_bits_even_when_dark():
+    dark = np.array([[0, 100, 255, 200]])   # a 16-bit image whose values fit 8 bits is dark, not bright
+    np.testing.assert_array_equal(_rgb(_img16("I;16", dark)), _grey(np.floor(dark * 255.0 / 65535.0 + 0.5)))
+
+
+def test_32_bit_integer_and_float_images():
+    small = np.array([[0, 7, 200, 255]], np.int32)        # 8-bit range stored as 32 bits: kept as is
+    np.testing.assert_array_equal(_rgb(Image.fromarray(small, "I")), _grey(small))
+    for big in (np.array([[0, 300, 65535, 30000]], np.int32), np.array([[0, 256, 128]], np.int32)):  # beyond 8 bits
+        np.testing.assert_array_equal(_rgb(Image.fromarray(big, "I")), _grey(np.floor(big * 255 / 65535 + 0.5)))
+    unit = np.array([[0.0, 0.5, 0.999, 1.0]], np.float32)  # [0, 1] floats: times 255, truncated
+    np.testing.assert_array_equal(_rgb(Image.fromarray(unit, "F")), _grey([[0, 127, 254, 255]]))
+    np.testing.assert_array_equal(_rgb(Image.fromarray(np.array([[0.0, 1.5]], np.float32), "F")), _grey([[0, 1]]))
+    wide = np.array([[-3.0, 3.7, 254.2, 400.0, 1.5]], np.float32)  # beyond 1: values as they are, clipped
+    np.testing.assert_array_equal(_rgb(Image.fromarray(wide, "F")), _grey([[0, 3, 254, 255, 1]]))
+
+
+def test_transparent_pixels_become_white_and_opaque_ones_keep_their_colour():
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[0, 0] = (10, 20, 30, 255)   # opaque
+    rgba[0, 1] = (10, 20, 30, 0)     # transparent
+    want = np.array([[[10, 20, 30], [255, 255, 255]]], np.uint8)
+    np.testing.assert_array_equal(_rgb(Image.fromarray(rgba, "RGBA")), want)
+    la = Image.fromarray(np.array([[[90, 255], [90, 0]]], np.uint8), "LA")
+    np.testing.assert_array_equal(_rgb(la), np.array([[[90] * 3, [255] * 3]], np.uint8))
+    pal = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    pal.info["transparency"] = 1
+    path = Path(tempfile.mkdtemp()) / "p.png"
+    pal.save(path, transparency=1)
+    from regcls.data import load_rgb
+    np.testing.assert_array_equal(np.asarray(load_rgb(path)), np.array([[[10, 20, 30], [255, 255, 255]]], np.uint8))
+
+
+def test_palette_cmyk_and_greyscale_convert_like_pillow():
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 255, (5, 6, 3), dtype=np.uint8))
+    for im in (rgb.convert("P"), rgb.convert("CMYK"), rgb.convert("L"), rgb.convert("1")):
+        np.testing.assert_array_equal(_rgb(im), np.asarray(im.convert("RGB")))
+
+
+# ------------------------------------------------------------------ listing, geometry, normalisation, decoding
+
+def test_list_images_keeps_image_files_in_name_order(tmp_path):
+    from regcls.errors import RegclsError
+    for name in ["b.png", "a.JPG", "c.txt", ".hidden.png", "d.webp"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "e.png").write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "d.webp"]
+    assert [p.name for p in list_images(tmp_path, labelled=True)] == ["e.png"]
+    with pytest.raises(RegclsError, match="does not exist"):
+        list_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegclsError, match=r"^no image files \(\.jpg, \.jpeg, \.png, .*\) in "):
+        list_images(tmp_path / "empty")
+
+
+def test_eval_config_reads_the_models_preprocessing():
+    model = timm.create_model("vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=False, num_classes=0,
+                              embed_dim=32, depth=1, num_heads=2)
+    geo, mean, std = eval_config(model, 64)
+    assert (geo.img_size, geo.crop_pct, geo.interpolation, geo.crop_mode) == (64, 0.9, "bicubic", "center")
+    assert mean == (0.5, 0.5, 0.5) and std == (0.5, 0.5, 0.5)
+    assert geo.key() == "64-0.9-bicubic-center"
+    dino = timm.create_model("vit_small_patch14_reg4_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=56,
+                             embed_dim=32, depth=1, num_heads=2)
+    geo, mean, std = eval_config(dino, 56)
+    assert geo.crop_pct == 1.0 and mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
+
+
+def test_geometry_resizes_the_short_side_and_crops_the_centre():
+    from regcls.data import Geometry
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, 20:60] = 255  # a white centre square of a 2:1 image
+    out = np.asarray(Geometry(20, 1.0, "nearest", "center").transform()(Image.fromarray(arr)))
+    assert out.shape == (20, 20, 3) and out.min() == 255  # the centre 40 x 40, resized to 20
+    out = np.asarray(Geometry(20, 0.5, "nearest", "center").transform()(Image.fromarray(arr)))
+    assert out.shape == (20, 20, 3) and out.min() == 255
+
+
+def test_normalized_slices_equal_to_tensor_and_normalize():
+    from regcls.data import ImageStore
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (5, 3, 4, 4), dtype=np.uint8)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    store = ImageStore(pixels, list("abcde"))
+    norm = store.normalized(mean, std)
+    assert len(store) == 5 and len(norm) == 5 and store.skipped == []
+    want = (torch.from_numpy(pixels[1:4]).double() / 255 - torch.tensor(mean).view(1, 3, 1, 1).double()) \
+        / torch.tensor(std).view(1, 3, 1, 1).double()
+    for n in (norm, norm.to("cpu")):
+        got = n[1:4]
+        assert got.dtype == torch.float32 and got.device.type == "cpu"
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decoding_skips_broken_files_by_name_in_serial_and_in_workers(tmp_path, workers):
+    from regcls.data import Geometry
+    from regcls.errors import RegclsError
+    files = []
+    for i in range(70):   # 64 or more files go to worker processes
+        f = tmp_path / f"{i:03d}.png"
+        if i in (3, 50):
+            f.write_bytes(b"broken")
+        else:
+            Image.fromarray(np.full((8, 12, 3), i, np.uint8)).save(f)
+        files.append(f)
+    geo = Geometry(4, 1.0, "nearest", "center")
+    with pytest.warns(UserWarning) as warned:
+        store = decode_images(files, [f.stem for f in files], geo, workers=workers, progress=False)
+    assert [str(w.message).split(":")[0] for w in warned] == [f"skipped {files[3]}", f"skipped {files[50]}"]
+    assert store.ids == [f"{i:03d}" for i in range(70) if i not in (3, 50)]
+    assert store.pixels.shape == (68, 3, 4, 4) and store.pixels.dtype == np.uint8
+    np.testing.assert_array_equal(store.pixels[:, 0, 0, 0], [i for i in range(70) if i not in (3, 50)])
+    assert [Path(f).name for f, _ in store.skipped] == ["003.png", "050.png"]
+    assert all(r.startswith("UnidentifiedImageError: ") for _, r in store.skipped)
+    with pytest.raises(RegclsError, match="no readable image among 1 files"), pytest.warns(UserWarning):
+        decode_images([files[3]], ["x"], geo, progress=False)
+
+
+def test_decoded_pixels_are_channel_first_and_not_transposed():
+    from regcls.data import Geometry
+    arr = np.zeros((4, 4, 3), np.uint8)
+    arr[0, 3] = (200, 100, 50)      # row 0, column 3
+    path = Path(tempfile.mkdtemp()) / "one.png"
+    Image.fromarray(arr).save(path)
+    store = decode_images([path], ["one"], Geometry(4, 1.0, "nearest", "center"), progress=False)
+    assert store.pixels[0, :, 0, 3].tolist() == [200, 100, 50] and store.pixels[0, :, 3, 0].tolist() == [0, 0, 0]

