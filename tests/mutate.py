@@ -15,6 +15,7 @@ README quotes. `python tests/mutate.py --show` lists the surviving mutants with 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -102,42 +103,47 @@ def run_mutmut(children: int) -> None:
         sys.exit(f"mutmut failed (exit {r.returncode}); see the output above")
 
 
-def results() -> dict[str, Counter]:
-    """Per module in SCOPE: counts of 'detected', 'survived', 'no tests', 'not checked'."""
-    codes: dict[str, int | None] = {}
+def verdicts() -> dict[str, tuple[str, int | None]]:
+    """Every mutant in SCOPE of the last run: name -> (module, mutmut's exit code; None when not checked)."""
+    out = {}
     for f in FILES:
         meta = STAGE / "mutants" / "src" / "regcls" / (f + ".meta")
         if meta.exists():
-            codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+            for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+                module = next((m for m, ps in SCOPE.items() if any(fnmatch(key, p) for p in ps)), None)
+                if module is not None:
+                    out[key] = (module, code)
+    return out
+
+
+def results() -> dict[str, Counter]:
+    """Per module in SCOPE: counts of 'detected', 'survived', 'no tests', 'not checked'."""
     out = {m: Counter() for m in SCOPE}
-    for key, code in codes.items():
-        module = next((m for m, ps in SCOPE.items() if any(fnmatch(key, p) for p in ps)), None)
-        if module is None:
-            continue
+    for module, code in verdicts().values():
         out[module]["detected" if code in DETECTED else SURVIVED.get(code, "not checked" if code is None
                                                                       else f"exit {code}")] += 1
     return out
 
 
 def survivors() -> list[str]:
-    names = []
-    for f in FILES:
-        meta = STAGE / "mutants" / "src" / "regcls" / (f + ".meta")
-        if meta.exists():
-            for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-                if code not in DETECTED and any(fnmatch(key, p) for ps in SCOPE.values() for p in ps):
-                    names.append(key)
-    return sorted(names)
+    return sorted(key for key, (_, code) in verdicts().items() if code not in DETECTED)
+
+
+@functools.cache
+def _functions(module: str) -> dict[str, str]:
+    """Body of every function of one mutated module (mutmut writes each mutant as a function of its own)."""
+    import ast
+
+    tree = ast.parse((STAGE / "mutants" / "src" / "regcls" / f"{module}.py").read_text())
+    return {f.name: ast.unparse(f).split("\n", 1)[1] for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
 
 
 def diff(name: str) -> str:
     """The changed lines of one mutant (what `mutmut show` prints, without a process per mutant)."""
-    import ast
     import difflib
 
     module, _, fn = name.removeprefix("regcls.").partition(".")
-    tree = ast.parse((STAGE / "mutants" / "src" / "regcls" / f"{module}.py").read_text())
-    funcs = {f.name: ast.unparse(f).split("\n", 1)[1] for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    funcs = _functions(module)
     orig = funcs[fn.split("__mutmut_")[0] + "__mutmut_orig"]
     return "\n".join(l for l in difflib.unified_diff(orig.splitlines(), funcs[fn].splitlines(), lineterm="", n=0)
                      if l[:1] in "+-" and l[:3] not in ("+++", "---"))

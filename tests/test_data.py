@@ -1,5 +1,4 @@
 """The image pipeline equals timm's own eval transform, and labels stay with their images."""
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +68,23 @@ def test_labels_stay_with_their_images_when_a_file_is_skipped(tmp_path):
 # ------------------------------------------------------------------ every pixel format, exact values
 
 def _img16(mode, arr):
+    """A 16-bit image in Pillow's ``mode`` (I;16L is written as a little-endian TIFF and read back as I;16)."""
     return Image.frombytes(mode, (arr.shape[1], arr.shape[0]), arr.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
 
 
-def _rgb(im):
+@pytest.fixture
+def rgb(tmp_path):
+    """``rgb(image)``: the array load_rgb gives for a PIL image written to a file (TIFF keeps every mode below)."""
     from regcls.data import load_rgb
-    path = Path(tempfile.mkdtemp()) / "im.tif"
-    im.save(path)
-    out = load_rgb(path)
-    assert out.mode == "RGB"
-    return np.asarray(out)
+    names = iter(range(1000))
+
+    def convert(im, suffix=".tif", **save):
+        path = tmp_path / f"{next(names)}{suffix}"
+        im.save(path, **save)
+        out = load_rgb(path)
+        assert out.mode == "RGB"
+        return np.asarray(out)
+    return convert
 
 
 def _grey(values):  # expected RGB of a grey image
@@ -90,51 +96,44 @@ V16 = np.array([[0, 257, 30000, 60000], [65535, 1000, 40000, 51529]])
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L"])
-def test_16_bit_images_scale_to_8_bits(mode):
-    want = np.floor(V16 * 255.0 / 65535.0 + 0.5)
-    im = _img16(mode, V16) if mode != "I;16L" else _img16("I;16", V16)
-    np.testing.assert_array_equal(_rgb(im), _grey(want))
+def test_16_bit_images_scale_to_8_bits(mode, rgb):
+    np.testing.assert_array_equal(rgb(_img16(mode, V16)), _grey(np.floor(V16 * 255.0 / 65535.0 + 0.5)))
 
 
-def test_16_bit_images_scale_from_16_bits_even_when_dark():
+def test_16_bit_images_scale_from_16_bits_even_when_dark(rgb):
     dark = np.array([[0, 100, 255, 200]])   # a 16-bit image whose values fit 8 bits is dark, not bright
-    np.testing.assert_array_equal(_rgb(_img16("I;16", dark)), _grey(np.floor(dark * 255.0 / 65535.0 + 0.5)))
+    np.testing.assert_array_equal(rgb(_img16("I;16", dark)), _grey(np.floor(dark * 255.0 / 65535.0 + 0.5)))
 
 
-def test_32_bit_integer_and_float_images():
+def test_32_bit_integer_and_float_images(rgb):
     small = np.array([[0, 7, 200, 255]], np.int32)        # 8-bit range stored as 32 bits: kept as is
-    np.testing.assert_array_equal(_rgb(Image.fromarray(small, "I")), _grey(small))
+    np.testing.assert_array_equal(rgb(Image.fromarray(small, "I")), _grey(small))
     for big in (np.array([[0, 300, 65535, 30000]], np.int32), np.array([[0, 256, 128]], np.int32)):  # beyond 8 bits
-        np.testing.assert_array_equal(_rgb(Image.fromarray(big, "I")), _grey(np.floor(big * 255 / 65535 + 0.5)))
+        np.testing.assert_array_equal(rgb(Image.fromarray(big, "I")), _grey(np.floor(big * 255 / 65535 + 0.5)))
     unit = np.array([[0.0, 0.5, 0.999, 1.0]], np.float32)  # [0, 1] floats: times 255, truncated
-    np.testing.assert_array_equal(_rgb(Image.fromarray(unit, "F")), _grey([[0, 127, 254, 255]]))
-    np.testing.assert_array_equal(_rgb(Image.fromarray(np.array([[0.0, 1.5]], np.float32), "F")), _grey([[0, 1]]))
+    np.testing.assert_array_equal(rgb(Image.fromarray(unit, "F")), _grey([[0, 127, 254, 255]]))
+    np.testing.assert_array_equal(rgb(Image.fromarray(np.array([[0.0, 1.5]], np.float32), "F")), _grey([[0, 1]]))
     wide = np.array([[-3.0, 3.7, 254.2, 400.0, 1.5]], np.float32)  # beyond 1: values as they are, clipped
-    np.testing.assert_array_equal(_rgb(Image.fromarray(wide, "F")), _grey([[0, 3, 254, 255, 1]]))
+    np.testing.assert_array_equal(rgb(Image.fromarray(wide, "F")), _grey([[0, 3, 254, 255, 1]]))
 
 
-def test_transparent_pixels_become_white_and_opaque_ones_keep_their_colour():
+def test_transparent_pixels_become_white_and_opaque_ones_keep_their_colour(rgb):
     rgba = np.zeros((1, 2, 4), np.uint8)
     rgba[0, 0] = (10, 20, 30, 255)   # opaque
     rgba[0, 1] = (10, 20, 30, 0)     # transparent
     want = np.array([[[10, 20, 30], [255, 255, 255]]], np.uint8)
-    np.testing.assert_array_equal(_rgb(Image.fromarray(rgba, "RGBA")), want)
+    np.testing.assert_array_equal(rgb(Image.fromarray(rgba, "RGBA")), want)
     la = Image.fromarray(np.array([[[90, 255], [90, 0]]], np.uint8), "LA")
-    np.testing.assert_array_equal(_rgb(la), np.array([[[90] * 3, [255] * 3]], np.uint8))
+    np.testing.assert_array_equal(rgb(la), np.array([[[90] * 3, [255] * 3]], np.uint8))
     pal = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
     pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
-    pal.info["transparency"] = 1
-    path = Path(tempfile.mkdtemp()) / "p.png"
-    pal.save(path, transparency=1)
-    from regcls.data import load_rgb
-    np.testing.assert_array_equal(np.asarray(load_rgb(path)), np.array([[[10, 20, 30], [255, 255, 255]]], np.uint8))
+    np.testing.assert_array_equal(rgb(pal, ".png", transparency=1), np.array([[[10, 20, 30], [255, 255, 255]]], np.uint8))
 
 
-def test_palette_cmyk_and_greyscale_convert_like_pillow():
-    rng = np.random.default_rng(1)
-    rgb = Image.fromarray(rng.integers(0, 255, (5, 6, 3), dtype=np.uint8))
-    for im in (rgb.convert("P"), rgb.convert("CMYK"), rgb.convert("L"), rgb.convert("1")):
-        np.testing.assert_array_equal(_rgb(im), np.asarray(im.convert("RGB")))
+def test_palette_cmyk_and_greyscale_convert_like_pillow(rgb):
+    colour = Image.fromarray(np.random.default_rng(1).integers(0, 255, (5, 6, 3), dtype=np.uint8))
+    for im in (colour.convert("P"), colour.convert("CMYK"), colour.convert("L"), colour.convert("1")):
+        np.testing.assert_array_equal(rgb(im), np.asarray(im.convert("RGB")))
 
 
 # ------------------------------------------------------------------ listing, geometry, normalisation, decoding
@@ -218,11 +217,11 @@ def test_decoding_skips_broken_files_by_name_in_serial_and_in_workers(tmp_path, 
         decode_images([files[3]], ["x"], geo, progress=False)
 
 
-def test_decoded_pixels_are_channel_first_and_not_transposed():
+def test_decoded_pixels_are_channel_first_and_not_transposed(tmp_path):
     from regcls.data import Geometry
     arr = np.zeros((4, 4, 3), np.uint8)
     arr[0, 3] = (200, 100, 50)      # row 0, column 3
-    path = Path(tempfile.mkdtemp()) / "one.png"
+    path = tmp_path / "one.png"
     Image.fromarray(arr).save(path)
     store = decode_images([path], ["one"], Geometry(4, 1.0, "nearest", "center"), progress=False)
     assert store.pixels[0, :, 0, 3].tolist() == [200, 100, 50] and store.pixels[0, :, 3, 0].tolist() == [0, 0, 0]

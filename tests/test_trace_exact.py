@@ -147,27 +147,34 @@ def test_trace_keeps_fused_attention(monkeypatch):
     assert len(calls) == len(model.blocks)
 
 
-def test_bfloat16_autocast_keeps_the_traces_own_arithmetic_in_float32():
-    """Under bfloat16 autocast the model computes q, k, v in bfloat16; the trace widens [CLS]'s query and the keys
-    (and computes everything of its own) in float32, so the attention row equals a float64 softmax of the same
-    bfloat16 q and k to float32 precision."""
-    model = tiny("qknorm", dtype=torch.float32)
+@pytest.mark.parametrize("family", ["qknorm", "dinov2_reg4"])
+def test_bfloat16_autocast_keeps_the_traces_own_arithmetic_in_float32(family):
+    """Under bfloat16 autocast the model computes q, k, v in bfloat16; the trace's own products (the [CLS] row,
+    the parts' values, the projection) run in float32 on what the model computed: the attention row equals a
+    float64 softmax of the same bfloat16 q and k to float32 precision, and each projected part its float32
+    projection (with LayerScale where the family has it)."""
+    import copy
+
+    model = tiny(family, dtype=torch.float32)
     x = images(model, dtype=torch.float32)
+    last = model.blocks[-1]
     qkvs = []
-    h = model.blocks[-1].attn.qkv.register_forward_hook(lambda m, a, o: qkvs.append(o))
+    h = last.attn.qkv.register_forward_hook(lambda m, a, o: qkvs.append(o))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         tr = trace_batch(model, x)
     h.remove()
     assert qkvs[0].dtype == torch.bfloat16
     for key in ("cls_attn", "attn_mass", "attn_val_patch", "attn_out_patch", "attn_out_full", "token_norms_penult"):
         assert tr[key].dtype == torch.float32, key
-    a = model.blocks[-1].attn
+    a = last.attn
     B, N, _ = qkvs[0].shape
     qkv = qkvs[0].reshape(B, N, 3, a.num_heads, a.head_dim).double()
     with torch.no_grad():
-        q = torch.nn.functional.layer_norm(qkv[:, 0, 0], (a.head_dim,), a.q_norm.weight.double(), a.q_norm.bias.double(),
-                                           a.q_norm.eps)
-        k = torch.nn.functional.layer_norm(qkv[:, :, 1], (a.head_dim,), a.k_norm.weight.double(), a.k_norm.bias.double(),
-                                           a.k_norm.eps).transpose(1, 2)
-    want = torch.einsum("bhd,bhnd->bhn", q * a.scale, k).softmax(-1)
-    torch.testing.assert_close(tr["cls_attn"].double(), want, rtol=0, atol=2e-6)
+        q = copy.deepcopy(a.q_norm).double()(qkv[:, 0, 0])                     # (B, H, hd)
+        k = copy.deepcopy(a.k_norm).double()(qkv[:, :, 1]).transpose(1, 2)     # (B, H, N, hd)
+        want = torch.einsum("bhd,bhnd->bhn", q * a.scale, k).softmax(-1)
+        torch.testing.assert_close(tr["cls_attn"].double(), want, rtol=0, atol=2e-6)
+        gamma = last.ls1.gamma if hasattr(last.ls1, "gamma") else 1.0
+        torch.testing.assert_close(tr["attn_out_patch"], (tr["attn_val_patch"] @ a.proj.weight.T) * gamma,
+                                   rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(tr["attn_mass"].sum(-1).numpy(), 1.0, atol=1e-6)   # a float32 softmax

@@ -87,27 +87,22 @@ class ClaimCheck:
         return {True: "agrees", False: "does not agree", None: "not testable on this profile"}[self.agrees]
 
 
+@functools.lru_cache(maxsize=1)
 def code_stamp() -> str:
     """``"commit abc1234, library 0123456789abcdef"``: the git commit (when the library sits in a checkout) and a
-    digest of every library file, so that a claim row says which code computed it."""
-    from .cache import LIB_ROOT, source_digest
-
-    names = tuple(sorted(p.name for p in LIB_ROOT.glob("*.py")))
-    return f"commit {_commit()}, library {source_digest(names)}"
-
-
-@functools.lru_cache(maxsize=1)
-def _commit() -> str:
-    """The checkout's short commit, asked of git once per process (every claim row is stamped with it)."""
+    digest of every library file, so that a claim row says which code computed it. Worked out once per process:
+    every row is stamped with it, and every row of the claims table compares its stamp with it."""
     import subprocess
 
-    from .cache import LIB_ROOT
+    from .cache import LIB_ROOT, source_digest
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        commit = "unknown"
+    names = tuple(sorted(p.name for p in LIB_ROOT.glob("*.py")))
+    return f"commit {commit}, library {source_digest(names)}"
 
 
 def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,

@@ -216,7 +216,8 @@ def load_rgb(path: str | Path):
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(im, dtype=np.float64)  # pragma: no mutate (equivalent)
             hi = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))  # pragma: no mutate (in range)
+            scaled = arr / hi * 255.0 + 0.5
+            im = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))  # pragma: no mutate (in range)
         elif im.mode == "F":
             arr = np.asarray(im, dtype=np.float64)  # pragma: no mutate (equivalent)
             im = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1 else 1.0), 0, 255).astype(np.uint8))
@@ -242,11 +243,11 @@ class Geometry:
     def transform(self):
         from timm.data import create_transform
 
-        t = create_transform(input_size=(3, self.img_size, self.img_size), crop_pct=self.crop_pct,  # pragma: no mutate (timm always sets these)
-                             interpolation=self.interpolation, crop_mode=self.crop_mode, is_training=False)  # pragma: no mutate (timm always sets these)
+        t = create_transform(input_size=(3, self.img_size, self.img_size), crop_pct=self.crop_pct,
+                             interpolation=self.interpolation, crop_mode=self.crop_mode, is_training=False)
         *geometric, to_tensor, normalize = t.transforms
-        if type(to_tensor).__name__ not in ("ToTensor", "MaybeToTensor") or type(normalize).__name__ != "Normalize":  # pragma: no mutate (timm always sets these)
-            raise RegclsError(f"unexpected timm eval transform {t}")  # pragma: no mutate (timm always sets these)
+        if type(to_tensor).__name__ not in ("ToTensor", "MaybeToTensor") or type(normalize).__name__ != "Normalize":  # pragma: no mutate (timm's own check)
+            raise RegclsError(f"unexpected timm eval transform {t}")  # pragma: no mutate (timm's own check)
         from torchvision.transforms import Compose
         return Compose(geometric)
 
@@ -315,8 +316,8 @@ class Normalized:
 
     def __init__(self, pixels: np.ndarray, mean, std, device: str | torch.device = "cpu"):
         self.pixels, self.device, self.stats = pixels, torch.device(device), (tuple(mean), tuple(std))
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (GPU only)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (GPU only)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (equivalent on the CPU)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (equivalent on the CPU)
 
     def to(self, device: str | torch.device) -> "Normalized":
         return Normalized(self.pixels, *self.stats, device=device)  # pragma: no mutate (GPU only)
@@ -344,7 +345,7 @@ def decode_images(files: list[Path], ids: list[str], geometry: Geometry, workers
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:  # pragma: no mutate (speed)
-            results = list(tqdm(ex.map(_decode_one, jobs, chunksize=16), **bar))  # pragma: no mutate (speed)
+            results = list(tqdm(ex.map(_decode_one, jobs, chunksize=16), **bar))
     else:
         results = [_decode_one(j) for j in tqdm(jobs, **bar)]
     good, keep, skipped = [], [], []

@@ -43,17 +43,13 @@ def knockout(trace: dict, level: str = "out", renormalise: bool = False, keep_cl
     if renormalise and level == "out":
         raise ValueError("renormalised parts exist before the projection only; use level='val' (the projection "
                          "is linear, so CKA after it differs only by the fixed linear map)")
-    kind = "val" if level == "val" else "out"
-    raw = {p: trace[f"attn_{kind}_{p}"].astype(np.float64) for p in PART_INDEX}
+    raw = {p: trace[f"attn_{level}_{p}"].astype(np.float64) for p in PART_INDEX}
     out = {p: sum(raw[q] for q in _kept(p, keep_cls)) for p in PART_INDEX}
     if renormalise:
         n, D = out["cls"].shape
-        mass = trace["attn_mass"][:, -1].astype(np.float64)  # (n, H, 3)
-        H = mass.shape[1]
-        for p in PART_INDEX:
-            m = sum(mass[:, :, PART_INDEX[q]] for q in _kept(p, keep_cls))       # (n, H)
+        for p, m in _kept_mass(trace, keep_cls).items():                  # (n, H)
             m = np.where(m < RENORM_FLOOR, 1.0, m)[:, :, None]
-            out[p] = (out[p].reshape(n, H, D // H) / m).reshape(n, D)
+            out[p] = (out[p].reshape(n, m.shape[1], -1) / m).reshape(n, D)
     if level == "val":
         out["full"] = sum(raw.values())
         return out
@@ -66,14 +62,19 @@ def _kept(part: str, keep_cls: bool) -> tuple[str, ...]:
     return (part, "cls") if keep_cls and part != "cls" else (part,)
 
 
+def _kept_mass(trace: dict, keep_cls: bool) -> dict[str, np.ndarray]:
+    """Per part, the last block's [CLS] attention mass each head keeps: (n, H)."""
+    mass = trace["attn_mass"][:, -1].astype(np.float64)  # (n, H, 3)
+    return {p: sum(mass[:, :, PART_INDEX[q]] for q in _kept(p, keep_cls)) for p in PART_INDEX}
+
+
 def low_mass_heads(trace: dict, keep_cls: bool = False, floor: float = RENORM_FLOOR) -> dict[str, float]:
     """Fraction of (image, head) pairs of the last block whose kept attention mass is below ``floor``, per part.
 
     These heads are left unscaled by ``knockout(renormalise=True)``; a large fraction makes the renormalised
     variant unreliable.
     """
-    mass = trace["attn_mass"][:, -1].astype(np.float64)  # (n, H, 3)
-    return {p: float((sum(mass[:, :, PART_INDEX[q]] for q in _kept(p, keep_cls)) < floor).mean()) for p in PART_INDEX}
+    return {p: float((m < floor).mean()) for p, m in _kept_mass(trace, keep_cls).items()}
 
 
 def cka(X: np.ndarray, Y: np.ndarray, debiased: bool = False) -> float:
@@ -318,7 +319,8 @@ def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarra
     scaler = StandardScaler().fit(train_X)
     with warnings.catch_warnings():  # one image per class is the design, not a regression target
         warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")  # pragma: no mutate (equivalent)
-        clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(train_X), train_y)  # pragma: no mutate (defaults spelled out)
+        clf = LogisticRegression(C=1.0, max_iter=2000)  # pragma: no mutate (defaults spelled out)
+        clf.fit(scaler.transform(train_X), train_y)
 
     def scores(X):  # (n, classes); two classes give one column of scores for the second class
         s = clf.decision_function(scaler.transform(X))

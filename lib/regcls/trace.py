@@ -126,7 +126,7 @@ class Tracer:
             self.rec["skip"] = x[:, 0].clone()
             self.rec["prefix_penult"] = x[:, :P].clone()
             self.rec["patch_mean_penult"] = x[:, P:].mean(dim=1)
-            idx = torch.as_tensor(patch_sample_index(x.shape[1] - P) + P, device=x.device)  # pragma: no mutate (equivalent in float32, on the CPU)
+            idx = torch.as_tensor(patch_sample_index(x.shape[1] - P) + P, device=x.device)  # pragma: no mutate (GPU only)
             self.rec["patch_sample_penult"] = x[:, idx].clone()
             self.rec["token_norms_penult"] = x.to(torch.promote_types(x.dtype, torch.float32)).norm(dim=-1)
 
