@@ -20,11 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 book: venv
 	@prof=$$($(PY) -c "from regcls.profiles import active_profile; print(active_profile(verbose=False).name)"); \
 	echo "building the book on the $$prof profile"; \
-	mkdir -p _build; \
-	lib=$$(cat lib/regcls/*.py | sha256sum | cut -c1-16); \
-	if [ -f _build/.profile ] && [ "$$(cat _build/.profile)" != "$$prof" ]; then rm -rf _build/.jupyter_cache _build/html _build/jupyter_execute; fi; \
-	if [ -f _build/.library ] && [ "$$(cat _build/.library)" != "$$lib" ]; then echo "the library changed: every chapter runs again"; rm -rf _build/.jupyter_cache _build/jupyter_execute; fi; \
-	echo $$prof > _build/.profile; echo $$lib > _build/.library; \
+	$(PY) -c "from regcls.cache import prepare_build; prepare_build('_build', '$$prof', always=['chapters/summary_claims.ipynb'])" && \
 	REGCLS_PROFILE=$$prof $(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
 
 # The chapters run first: they record the smoke claims that tests/test_smoke_verdicts.py checks.

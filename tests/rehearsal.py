@@ -242,7 +242,7 @@ def trace_one(profile_name: str, index: int, out: Path) -> None:
     from regcls.profiles import PROFILES
 
     profile = PROFILES[profile_name]
-    spec, dataset, img_size = workload(profile)[index]
+    spec, dataset, img_size, crop_pct = workload(profile)[index]
     timed = {}
     run_trace = T.run_trace
 
@@ -254,7 +254,7 @@ def trace_one(profile_name: str, index: int, out: Path) -> None:
 
     T.run_trace = timed_run
     start = time.perf_counter()
-    tr = trace_for(profile, spec, dataset, img_size, progress=False)
+    tr = trace_for(profile, spec, dataset, img_size, progress=False, crop_pct=crop_pct)
     wall = time.perf_counter() - start
     import torch
     with torch.device("meta"):
@@ -263,7 +263,7 @@ def trace_one(profile_name: str, index: int, out: Path) -> None:
     full = _full_images(profile, dataset)
     n = len(tr["image_ids"])
     out.write_text(json.dumps({
-        "model": spec.name, "dataset": dataset, "img_size": img_size, "images": n,
+        "model": spec.name, "dataset": dataset, "img_size": img_size, "crop_pct": crop_pct, "images": n,
         "wall_s": wall, "trace_s": timed.get("trace_s"), "img_per_s": n / timed["trace_s"] if "trace_s" in timed else None,
         "peak_rss_gb": _status_mb("VmHWM") / 1024, "gflop_per_img": gflop,
         "full_images": full, "gpu_s_projected": full * gflop / (GPU_TFLOPS * 1e3 * GPU_MFU)}))
@@ -283,10 +283,16 @@ def _full_images(profile, dataset: str) -> int:
 def run_traces(profile, work: Path) -> list[dict]:
     from regcls.cache import workload
 
+    from regcls.cache import content_key, source_digest
+    from regcls.profiles import image_cap
+
     rows = []
     jobs = workload(profile)
-    for i, (spec, dataset, img_size) in enumerate(jobs):
-        out = work / "measure" / f"{i:02d}.json"
+    for i, (spec, dataset, img_size, crop_pct) in enumerate(jobs):
+        # a measurement is kept for a resumed rehearsal only if it is of this job, this cap and this code
+        key = content_key({"job": [spec.describe(), dataset, img_size, crop_pct], "cap": image_cap(),
+                           "code": source_digest()})
+        out = work / "measure" / f"{i:02d}-{key}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         if not out.is_file():
             r = subprocess.run([sys.executable, __file__, "_trace", "--profile", profile.name, "--index", str(i),
@@ -296,7 +302,7 @@ def run_traces(profile, work: Path) -> list[dict]:
                                  f"with exit code {r.returncode}")
         row = json.loads(out.read_text())
         rows.append(row)
-        print(f"[{i + 1}/{len(jobs)}] {row['model']} {row['dataset']} {row['img_size']} px: {row['images']} images, "
+        print(f"[{i + 1}/{len(jobs)}] {row['model']} {row['dataset']} {_px(row)} px: {row['images']} images, "
               f"{row['wall_s']:.1f} s wall, {row['img_per_s'] or float('nan'):.2f} img/s, "
               f"peak {row['peak_rss_gb']:.1f} GiB", flush=True)
         if row["peak_rss_gb"] > MEMORY_LIMIT_GB:
@@ -329,11 +335,16 @@ def check_pages(html: Path) -> list[str]:
     return [p.name for p in pages]
 
 
+def _px(row: dict) -> str:
+    """The resolution, with the crop fraction where a trace overrides the model's preprocessing."""
+    return f"{row['img_size']}" + (f" (crop {row['crop_pct']})" if row.get("crop_pct") else "")
+
+
 def table(rows: list[dict]) -> str:
     head = ("| model | dataset | px | images | wall s | trace s | img/s | peak RSS GiB | GFLOP/img | "
             "projected GPU s (full run) |\n|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {r['model']} | {r['dataset']} | {r['img_size']} | {r['images']} | {r['wall_s']:.1f} | "
+        f"| {r['model']} | {r['dataset']} | {_px(r)} | {r['images']} | {r['wall_s']:.1f} | "
         f"{r['trace_s'] or float('nan'):.1f} | {r['img_per_s'] or float('nan'):.2f} | {r['peak_rss_gb']:.1f} | "
         f"{r['gflop_per_img']:.0f} | {r['gpu_s_projected']:.1f} |\n" for r in rows)
 
@@ -373,8 +384,14 @@ def main(argv=None) -> int:
     t_setup = time.perf_counter() - t0
     rows = run_traces(profile, work)
     t_traces = time.perf_counter() - t0 - t_setup
+    traced = set((work / "cache" / "traces").glob("*.npz"))
     html = build_book(work / "book")
     pages = check_pages(html)
+    extra = sorted(p.name for p in set((work / "cache" / "traces").glob("*.npz")) - traced
+                   if f"-{profile.dataset}-" in p.name or f"-{profile.labelled}-" in p.name)  # not the controls'
+    if extra:  # the workload is what the benchmark projects and the rehearsal measures: it must be complete
+        raise SystemExit(f"rehearsal: the chapters traced {len(extra)} models that regcls.cache.workload does not "
+                         f"list: {', '.join(extra)}")
     t_all = time.perf_counter() - t0
     summary = {"profile": args.profile, "limit": limit, "setup_s": t_setup, "traces_s": t_traces,
                "book_s": t_all - t_setup - t_traces, "total_s": t_all, "pages": pages, "traces": rows,

@@ -57,6 +57,7 @@ def test_skip_norms(tr):
 def test_skip_cka(tr):
     sp, sn = M.skip_outputs(tr(*POS_SKIP)), M.skip_outputs(tr(*NEG_NOREG))
     assert M.cka(sp["standard"], sp["skip"]) > 0.99
+    assert M.cka(sp["standard"], sp["patch"]) < 0.5    # its patch part holds positions, not image content
     assert M.cka(sn["standard"], sn["patch"]) > 0.95
     assert M.cka(sn["standard"], sn["skip"]) < M.cka(sp["standard"], sp["skip"]) - 0.03
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from regcls.data import decode_images, eval_config, list_images
+from regcls.errors import RegclsError
 
 CASES = {  # name -> (timm name with its pretrained config, overrides): DINOv2 crops nothing, augreg crops 0.9
     "dinov2": ("vit_small_patch14_reg4_dinov2.lvd142m", dict(img_size=56)),
@@ -164,6 +165,11 @@ def test_eval_config_reads_the_models_preprocessing():
                              embed_dim=32, depth=1, num_heads=2)
     geo, mean, std = eval_config(dino, 56)
     assert geo.crop_pct == 1.0 and mean == pytest.approx((0.485, 0.456, 0.406)) and std == pytest.approx((0.229, 0.224, 0.225))
+    geo, mean2, _ = eval_config(dino, 56, crop_pct=0.875)   # the open choice: resize 64, crop 56 (HF's 256/224)
+    assert geo.key() == "56-0.875-bicubic-center" and mean2 == mean
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(RegclsError, match=r"^crop_pct=.*: give the fraction of the resized image kept, in \(0, 1\]$"):
+            eval_config(dino, 56, crop_pct=bad)
 
 
 def test_geometry_resizes_the_short_side_and_crops_the_centre():

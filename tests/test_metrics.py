@@ -262,6 +262,21 @@ def test_attention_map_keeps_rows_and_columns():
     assert m[1, 2, 0] == 0.5 and m[1].sum() == 0.5
 
 
+def test_top_patch_share_is_the_mass_of_the_top_patches_over_the_patch_mass():
+    from regcls.metrics import top_patch_share
+    P, N = 2, 200                                  # 1% of 200 patches: the top 2; 1.5% rounds up to 3
+    a = np.zeros((3, 2, P + N))
+    a[:, :, :P] = 0.3                              # prefix attention is left out, not part of the share
+    a[0, :, P:] = 0.7 / N                          # a flat map: the top 2 hold 2 / N
+    a[1, 0, P:] = 0.7 / N                          # head 0 flat, head 1 all on patch 5 and 9: after the head
+    a[1, 1, P + 5], a[1, 1, P + 9] = 0.5, 0.2      # average, patches 5 and 9 carry (0.7 + 1.4 / N) / 1.4
+    a[2, :, P + 7] = 0.7                           # one artifact patch draws everything
+    s = top_patch_share({"cls_attn": a, "num_prefix_tokens": P})
+    assert s == pytest.approx([2 / N, (0.7 + 1.4 / N) / 1.4, 1.0], rel=1e-12)
+    assert top_patch_share({"cls_attn": a, "num_prefix_tokens": P}, frac=0.015)[0] == pytest.approx(3 / N)
+    assert top_patch_share({"cls_attn": a[:, :, :P + 10], "num_prefix_tokens": P})[0] == pytest.approx(1 / 10)
+
+
 def test_paired_cka_difference_uses_the_same_resamples_for_both_pairs():
     from regcls.metrics import cka_difference_interval
     X = rng.normal(size=(40, 6))

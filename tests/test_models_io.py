@@ -164,6 +164,18 @@ def test_cache_returns_same_arrays_without_recomputing(monkeypatch, smoke):
     assert json.dumps(first["meta"]) == json.dumps(again["meta"])
 
 
+def test_the_other_crop_is_its_own_trace_and_records_its_geometry(smoke):
+    from regcls import cache
+    spec = smoke.model("S", True)
+    default = cache.get_trace(spec, "samples", img_size=smoke.img_size, limit=6, progress=False)
+    cropped = cache.get_trace(spec, "samples", img_size=smoke.img_size, limit=6, progress=False, crop_pct=0.875)
+    assert default["meta"]["geometry"] == f"{smoke.img_size}-1.0-bicubic-center"
+    assert cropped["meta"]["geometry"] == f"{smoke.img_size}-0.875-bicubic-center"
+    assert not np.allclose(default["cls_final"], cropped["cls_final"])   # other pixels, other outputs
+    key = f"{spec.name} on samples at {smoke.img_size} px"
+    assert cache.PRECISIONS[key] == "float32"      # what the chapter's last line reports
+
+
 def test_ibot_checkpoint_format_loads(tmp_path):
     """iBOT's released teacher checkpoints: a 'state_dict' with 'module.backbone.' keys, a projection head and
     a mask embedding. Tested on random weights in that key format (the real files cannot be fetched offline)."""

@@ -70,9 +70,29 @@ def test_amp_agreement_reports_the_identity_and_precision():
     assert 1e-5 < check["identity_bf16"] < 5e-2      # bf16: visibly rounded, still close
     assert 0 < check["attn_mass_maxdiff"] < 5e-2        # bf16 moves the shares a little, not a lot
     assert check["cka_min_key"] in {"attn_out_cls", "attn_out_patch", "attn_out_full", "skip", "cls_final", "attn_out_reg"}
+    assert 0 < check["penult_cosine_change"] < 1     # 1 - pairwise cosine of the prefix tokens moves a little
     assert 0.9 < check["cka_min"] < 1.0 and check["ok"] == (check["cka_min"] >= T.AMP_TOLERANCE["cka_min"]
                                                              and check["identity_bf16"] <= T.AMP_TOLERANCE["identity_bf16"]
-                                                             and check["attn_mass_maxdiff"] <= T.AMP_TOLERANCE["attn_mass_maxdiff"])
+                                                             and check["attn_mass_maxdiff"] <= T.AMP_TOLERANCE["attn_mass_maxdiff"]
+                                                             and check["penult_cosine_change"] <= T.AMP_TOLERANCE["penult_cosine_change"])
+
+
+def test_amp_agreement_rejects_a_bf16_run_that_moves_the_penultimate_cosine(monkeypatch):
+    """0.9989 has four digits: a bf16 run that changes 1 - cos of a prefix token by more than a tenth fails."""
+    model = tiny_model()
+    x = uint8_store(8).normalized((0.5,) * 3, (0.25,) * 3)[:]
+    run = T.Tracer.run
+
+    def shifted(self, xb):  # the bf16 pass sees every prefix token pulled towards one direction
+        rec = run(self, xb)
+        if torch.is_autocast_enabled("cpu"):
+            rec["prefix_penult"] = rec["prefix_penult"] + 10 * rec["prefix_penult"].norm(dim=-1, keepdim=True)
+        return rec
+
+    monkeypatch.setattr(T.Tracer, "run", shifted)
+    check = T.amp_agreement(model, x)
+    assert check["penult_cosine_change"] > 0.5 and check["ok"] is False
+    assert "penultimate pairwise cosine" in T._describe_check(check)
 
 
 def _run(model, store, tmp_path, name, amp):
@@ -86,12 +106,14 @@ def test_bf16_is_used_only_within_tolerance(tmp_path, monkeypatch):
     model, store = tiny_model(), uint8_store()
     fp32 = _run(model, store, tmp_path, "fp32.npz", amp=False)
     assert "amp_used" not in fp32["meta"]
-    monkeypatch.setattr(T, "AMP_TOLERANCE", {"identity_bf16": 1.0, "attn_mass_maxdiff": 1.0, "cka_min": -1.0})
+    monkeypatch.setattr(T, "AMP_TOLERANCE", {"identity_bf16": 1.0, "attn_mass_maxdiff": 1.0, "cka_min": -1.0,
+                                             "penult_cosine_change": 1e9})
     low = _run(model, store, tmp_path, "bf16.npz", amp=True)
     assert low["meta"]["amp_used"] is True and low["meta"]["amp_check"]["ok"] is True
     assert not np.array_equal(low["attn_out_full"], fp32["attn_out_full"])
     np.testing.assert_allclose(low["attn_mass"], fp32["attn_mass"], atol=5e-2)
-    monkeypatch.setattr(T, "AMP_TOLERANCE", {"identity_bf16": 0.0, "attn_mass_maxdiff": 0.0, "cka_min": 1.1})
+    monkeypatch.setattr(T, "AMP_TOLERANCE", {"identity_bf16": 0.0, "attn_mass_maxdiff": 0.0, "cka_min": 1.1,
+                                             "penult_cosine_change": 0.0})
     with pytest.warns(UserWarning, match="bfloat16 disagrees with float32.*tracing in float32"):
         back = _run(model, store, tmp_path, "fallback.npz", amp=True)
     assert back["meta"]["amp_used"] is False
@@ -111,8 +133,11 @@ def test_device_benchmark_and_projection_run_on_the_cpu():
     assert r["identity_fp32"] < 1e-5 and isinstance(r["ok"], bool)
     assert r["end_to_end_precision"] == ("bf16" if r["ok"] else "fp32")
     jobs = bench.paper_workload()
-    assert len(jobs) == 8 + 4 + 4 + 11   # appendix: DeiT III S-H, its ImageNet-1k-only small, CLIP B-H, iBOT S-L
-    assert sum(j["img_size"] == 518 for j in jobs) == 4 and sum(j["dataset"] == "imagenetv2" for j in jobs) == 4
+    # both series, the labelled set, both series at 518 px, the other crop, and the appendix: DeiT III S-H, its
+    # ImageNet-1k-only small, CLIP B-H, iBOT S-L
+    assert len(jobs) == 8 + 4 + 8 + 4 + 11
+    assert sum(j["img_size"] == 518 for j in jobs) == 8 and sum(j["dataset"] == "imagenetv2" for j in jobs) == 4
+    assert sum(j["crop_pct"] == 0.875 for j in jobs) == 4
     proj = bench.project_paper(rows)
     assert proj["traces"] == len(jobs) and proj["flop_scaled"] == len(jobs) and proj["trace_seconds"] > 0
 

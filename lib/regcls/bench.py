@@ -319,8 +319,8 @@ def paper_workload() -> list[dict]:
     from .data import DATASETS
     from .profiles import PROFILES
 
-    return [{"arch": m.arch, "dataset": d, "images": DATASETS[d].n_images, "img_size": s}
-            for m, d, s in workload(PROFILES["paper"])]
+    return [{"arch": j.spec.arch, "dataset": j.dataset, "images": DATASETS[j.dataset].n_images, "img_size": j.img_size,
+             "crop_pct": j.crop_pct} for j in workload(PROFILES["paper"])]
 
 
 def project_paper(rows: list[dict]) -> dict:

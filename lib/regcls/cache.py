@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from .profiles import ModelSpec, Profile, native_bf16
 
@@ -23,6 +24,41 @@ def source_digest(names: tuple[str, ...] = TRACE_SOURCES, root: Path | None = No
     for name in names:
         h.update(name.encode() + b"\0" + ((root or LIB_ROOT) / name).read_bytes())
     return h.hexdigest()[:16]
+
+
+def prepare_build(build: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
+    """Before ``jupyter-book build``: the execution cache is kept per profile and per library content.
+
+    jupyter-cache re-runs a notebook only when its cells change, so a fix in ``lib/regcls`` would never reach a
+    rebuilt page, and a smoke build's outputs must never show up in a paper build. When the profile or the
+    digest of the library's files differs from the last build's (``build/.profile``, ``build/.library``), the
+    executed notebooks and Sphinx's doctrees are dropped (and, for another profile, the html). Returns what was
+    dropped. The pages in ``always`` (the claims page, which reads what the chapters recorded) are read and run
+    by every build: Sphinx re-reads only sources newer than its last build, so they are touched.
+    """
+    import shutil
+
+    build = Path(build)
+    root = lib_root or LIB_ROOT
+    lib = source_digest(tuple(sorted(p.name for p in root.glob("*.py"))), root)
+    dropped = []
+    last = {k: (build / f".{k}").read_text().strip() if (build / f".{k}").is_file() else None
+            for k in ("profile", "library")}
+    stale = {"profile": last["profile"] not in (None, profile), "library": last["library"] not in (None, lib)}
+    if stale["profile"] or stale["library"]:
+        # Sphinx re-reads only changed sources: without its doctrees gone, the pages would not run again
+        for sub in (".jupyter_cache", "jupyter_execute", ".doctrees") + (("html",) if stale["profile"] else ()):
+            if (build / sub).exists():
+                shutil.rmtree(build / sub)
+                dropped.append(sub)
+    if stale["library"] and not stale["profile"]:
+        print("the library changed: every chapter runs again")
+    for page in always:
+        os.utime(page)
+    build.mkdir(parents=True, exist_ok=True)
+    (build / ".profile").write_text(profile + "\n")
+    (build / ".library").write_text(lib + "\n")
+    return dropped
 
 
 def cache_dir() -> Path:
@@ -50,8 +86,10 @@ def resolve_device(device: str) -> str:
 
 def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
               classes: int | None = None, checkpoint: str | Path | None = None, batch_size: int | None = None, device: str = "cpu",
-              amp: bool = False, progress: bool = True) -> dict:
-    """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives."""
+              amp: bool = False, progress: bool = True, crop_pct: float | None = None) -> dict:
+    """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives.
+
+    ``crop_pct`` overrides the model's crop fraction (None: timm's, see :func:`regcls.data.eval_config`)."""
     from .data import dataset_files
     from .models import build, weights_id
     from .trace import TRACE_SCHEMA, load_trace, trace_files
@@ -61,40 +99,66 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     files, ids, labels = dataset_files(dataset, limit, download=True, classes=classes)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
-            "img_size": img_size, "amp": amp, "schema": TRACE_SCHEMA, "code": source_digest()}
+            "img_size": img_size, "crop_pct": crop_pct, "amp": amp, "schema": TRACE_SCHEMA, "code": source_digest()}
     path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{content_key(desc)}.npz"
     if path.is_file():
-        return load_trace(path)
+        return _loaded(load_trace(path))
     model = build(spec, img_size, checkpoint)
     trace_files(model, files, ids, labels, out=path, img_size=img_size, batch_size=batch_size, device=device,
-                amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset,
+                amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset, crop_pct=crop_pct,
                 meta={"model": spec.name, "weights": wid, "dataset": dataset, "model_spec": spec.describe()})
-    return load_trace(path)
+    return _loaded(load_trace(path))
+
+
+# The precision of every trace this process has read (model and setting -> "bfloat16" or "float32"), for the
+# line at the end of each chapter (regcls.plots.finish).
+PRECISIONS: dict[str, str] = {}
+
+
+def _loaded(trace: dict) -> dict:
+    meta = trace["meta"]
+    bf16 = bool(meta.get("amp_used", meta.get("amp", False)))
+    PRECISIONS[f"{meta.get('model', '?')} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px"] = (
+        "bfloat16 autocast (agreement check passed)" if bf16 else "float32")
+    return trace
 
 
 def trace_for(profile: Profile, spec: ModelSpec, dataset: str | None = None, img_size: int | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, crop_pct: float | None = None) -> dict:
     """The trace of one model on ``profile``'s images and settings (its cap, device and precision).
 
-    ``dataset`` defaults to the profile's unlabelled set and ``img_size`` to the profile's resolution.
+    ``dataset`` defaults to the profile's unlabelled set, ``img_size`` to the profile's resolution and
+    ``crop_pct`` to the model's own preprocessing.
     """
     dataset = dataset or profile.dataset
     limit, classes = profile.sample(dataset)
     return get_trace(spec, dataset, img_size=img_size or profile.img_size, limit=limit, classes=classes,
                      batch_size=profile.batch_size, device=profile.device, amp=profile.device != "cpu",
-                     progress=progress)
+                     progress=progress, crop_pct=crop_pct)
 
 
 def profile_traces(profile: Profile, registers: bool, dataset: str | None = None, img_size: int | None = None,
-                   progress: bool = True) -> dict[str, dict]:
+                   progress: bool = True, crop_pct: float | None = None) -> dict[str, dict]:
     """Traces of every model of ``profile`` with (or without) registers, keyed by size ("S", ... "g")."""
-    return {m.size: trace_for(profile, m, dataset, img_size, progress) for m in profile.models_with(registers)}
+    return {m.size: trace_for(profile, m, dataset, img_size, progress, crop_pct) for m in profile.models_with(registers)}
 
 
-def workload(profile: Profile) -> list[tuple[ModelSpec, str, int]]:
-    """Every trace the chapters read on ``profile``, as ``(model, dataset, resolution)``, each once."""
-    jobs = [(m, profile.dataset, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
-    jobs += [(m, profile.labelled, profile.img_size) for m in profile.models_with(True)]
-    jobs += [(m, profile.dataset, profile.alt_img_size) for m in profile.models_with(True)]
-    jobs += [(m, profile.dataset, profile.img_size) for _, models in profile.appendix for m in models]
+class Job(NamedTuple):
+    """One trace the chapters read: model, dataset, resolution and (None: the model's own) crop fraction."""
+
+    spec: ModelSpec
+    dataset: str
+    img_size: int
+    crop_pct: float | None = None
+
+
+def workload(profile: Profile) -> list[Job]:
+    """Every trace the chapters read on ``profile``, each once: both model series on the unlabelled set, the
+    models with registers on the labelled set, at the other resolution and with the other preprocessing, the
+    models without registers at the other resolution (Sec. 4.1's sensitivity), and the appendix families."""
+    jobs = [Job(m, profile.dataset, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
+    jobs += [Job(m, profile.labelled, profile.img_size) for m in profile.models_with(True)]
+    jobs += [Job(m, profile.dataset, profile.alt_img_size) for reg in (True, False) for m in profile.models_with(reg)]
+    jobs += [Job(m, profile.dataset, profile.img_size, profile.alt_crop_pct) for m in profile.models_with(True)]
+    jobs += [Job(m, profile.dataset, profile.img_size) for _, models in profile.appendix for m in models]
     return jobs

@@ -10,6 +10,11 @@ from .cache import cache_dir
 from .profiles import Profile, image_cap
 
 
+# Sec. 4.1's line between "uses both the skip term and the patches" and "dominated by the skip term": the median
+# ratio of the skip term's norm to the patch part's (4.1 and the appendix judge with it).
+SKIP_DOMINATED = 3.0
+
+
 @dataclass(frozen=True)
 class Rule:
     """An agreement rule that writes its own text: what is compared, with this run's numbers, and the outcome.
@@ -128,6 +133,46 @@ def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
     rule = agrees.text if isinstance(agrees, Rule) else ""
     return ClaimCheck(section, claim, paper, ours, bool(agrees.ok if isinstance(agrees, Rule) else agrees),
                       profile.name, rule=rule)
+
+
+def knockout_checks(section: str, ko: dict[str, dict], profile: Profile, *, cka: dict | None = None,
+                    n_boot: int = 300, drop: float = 0.3, prefix: str = "") -> list[ClaimCheck]:
+    """The three claims of Fig. 3a, judged on knockout outputs ``ko[size]`` (:func:`regcls.metrics.knockout`, the
+    same images in every size): S and B patch-only CKA above 0.9; the patch-only CKA falls with size (monotone,
+    and a paired drop from S to g of at least ``drop``); in g the register-only output matches better than the
+    patch-only one (paired). ``cka[size][part]`` are CKA intervals when the chapter has them already;
+    ``prefix`` starts each claim (another dataset, say)."""
+    import functools as ft
+
+    from . import metrics
+
+    cka = cka or {s: {p: metrics.cka_interval(k["full"], k[p], n_boot=n_boot) for p in ("patch", "reg")}
+                  for s, k in ko.items()}
+    cp = {s: c["patch"][0] for s, c in cka.items()}
+
+    @ft.cache   # each contrast is shown in the row and judged by its rule: computed once
+    def paired(s1, p1, s2, p2):
+        return metrics.cka_difference_interval(ko[s1]["full"], ko[s1][p1], ko[s2]["full"], ko[s2][p2], n_boot=n_boot)
+
+    return [
+        check(section, prefix + "Small models: the patch-only output matches the unaltered one (CKA close to 1)",
+              "S and B patch-only CKA close to 1 (Fig. 3a)",
+              ", ".join(f"{s}: {c['patch'][0]:.3f} [{c['patch'][1]:.3f}, {c['patch'][2]:.3f}]" for s, c in cka.items()),
+              lambda: all_of(*(above(f"{s} patch-only CKA", cp[s], 0.9, ".3f") for s in ("S", "B"))),
+              profile, needs=("S", "B")),
+        check(section, prefix + "Patch-only CKA collapses as size grows", "qualitative (Fig. 3a)",
+              lambda: "patch-only CKA: " + ", ".join(f"{s} {v:.3f}" for s, v in cp.items())
+              + "; paired drop S - g {:.3f} [{:.3f}, {:.3f}]".format(*paired("S", "patch", "g", "patch")),
+              lambda: all_of(monotone("patch-only CKA", cp, increasing=False, tol=0.02, fmt=".3f"),
+                             interval_above("paired drop S - g", paired("S", "patch", "g", "patch"), drop, ".3f")),
+              profile, needs=("S", "B", "L", "g")),
+        check(section, prefix + "In giant, the register-only output matches better than the patch-only one",
+              "qualitative (Fig. 3a)",
+              lambda: "g: register {:.3f} vs patch {:.3f}; paired difference {:.3f} [{:.3f}, {:.3f}]".format(
+                  cka["g"]["reg"][0], cp["g"], *paired("g", "reg", "g", "patch")),
+              lambda: interval_above("paired register - patch CKA in g", paired("g", "reg", "g", "patch"), 0.0, ".3f"),
+              profile, needs=("g",)),
+    ]
 
 
 def table(checks: list[ClaimCheck]):

@@ -252,14 +252,21 @@ class Geometry:
         return Compose(geometric)
 
 
-def eval_config(model, img_size: int) -> tuple[Geometry, tuple[float, ...], tuple[float, ...]]:
-    """timm's eval preprocessing for ``model`` at ``img_size``: geometry, mean, std."""
+def eval_config(model, img_size: int, crop_pct: float | None = None
+                ) -> tuple[Geometry, tuple[float, ...], tuple[float, ...]]:
+    """timm's eval preprocessing for ``model`` at ``img_size``: geometry, mean, std.
+
+    ``crop_pct`` replaces the model's crop fraction (the open choice of preprocessing: timm resizes DINOv2
+    images to the input size and crops all of it, 1.0; Hugging Face's processor resizes to 256 and crops 224,
+    0.875)."""
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
     crop_mode = cfg.get("crop_mode", "center")  # pragma: no mutate (timm always sets it)
-    geo = Geometry(img_size=img_size, crop_pct=float(cfg["crop_pct"]), interpolation=cfg["interpolation"],
-                   crop_mode=crop_mode)
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise RegclsError(f"crop_pct={crop_pct}: give the fraction of the resized image kept, in (0, 1]")
+    geo = Geometry(img_size=img_size, crop_pct=float(cfg["crop_pct"] if crop_pct is None else crop_pct),
+                   interpolation=cfg["interpolation"], crop_mode=crop_mode)
     return geo, tuple(cfg["mean"]), tuple(cfg["std"])
 
 

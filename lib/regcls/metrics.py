@@ -329,6 +329,16 @@ def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarra
     return {name: topk_accuracy(scores(X), clf.classes_, test_y, k) for name, X in tests.items()}
 
 
+def top_patch_share(trace: dict, frac: float = 0.01) -> np.ndarray:
+    """Share of the last-block [CLS] attention over the patches (averaged over heads) that the top ``frac`` of
+    the patches receive, per image (n,): near 1 when a few artifact patches draw the attention, ``frac`` for a
+    flat map."""
+    P = int(trace["num_prefix_tokens"])
+    a = np.asarray(trace["cls_attn"][:, :, P:], dtype=np.float64).mean(axis=1)
+    k = max(1, int(np.ceil(frac * a.shape[1])))
+    return np.sort(a, axis=1)[:, -k:].sum(axis=1) / a.sum(axis=1)
+
+
 def attention_maps(trace: dict) -> np.ndarray:
     """Last-block [CLS] attention over the patch grid, averaged over heads: (n, rows, cols)."""
     P = int(trace["num_prefix_tokens"])

@@ -14,15 +14,19 @@ then fixes the last block:
     read E and its [CLS] query is a constant, so the [CLS] attends to the registers. Register ``HIGH``
     also carries huge image-independent values in reserved dimensions O (a high-norm register) which the
     last block's LayerNorm weight scales down; its other dimensions carry image content from earlier
-    blocks. Expected: register share > 0.95; the patch part's variation < 0.1 x the full output's;
+    blocks. The query strength grows with the width (``Q_READ`` x embed_dim), so that the wider the model,
+    the less its patch part counts (the paper's "collapses as size grows"). Expected: register share > 0.95; the patch part's variation < 0.1 x the full output's;
     register-only CKA > 0.95 and > patch-only CKA + 0.1; one-shot accuracy near chance from the patch-only
     output, far above it from the register-only output; the same register has the highest norm for every
     image (> 3x the next token), its cosine across images > 0.99, its top dimensions shrink > 100x after the
     LayerNorm, and a linear probe still reads the image class from it.
 ``skip_dominated`` (positive control, no registers)
     LayerScale shrinks along the depth and is tiny in the last block, so the skip term dominates and the
-    [CLS] converges smoothly. Expected: skip norm > 100 x patch-part norm; cosine of the penultimate to the
-    final [CLS] > 0.99; CKA of the standard output with the skip-only output > 0.99.
+    [CLS] converges smoothly. The last block's values read only reserved position dimensions (written by the
+    patches' position embedding alone, value weights summing to zero over them, so LayerNorm's mean does not
+    leak in): the patch part says where the attention falls, not what the image holds. Expected: skip norm >
+    100 x patch-part norm; cosine of the penultimate to the final [CLS] > 0.99; CKA of the standard output
+    with the skip-only output > 0.99 and with the patch-only output < 0.5.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ KINDS = ("patch_integrator", "register_reader", "skip_dominated")
 SEEDS = {"patch_integrator": 11, "register_reader": 12, "skip_dominated": 13}
 HIGH = 2           # index of the high-norm register among the registers
 N_RESERVED = 4     # size of each reserved set of dimensions (O: outliers, E: register marker)
-Q_READ = 0.12      # query strength of the register reader: sets how far the patches are ignored
+Q_READ = 0.005     # query strength of the register reader per embedding dimension: how far the patches are ignored
 
 
 def _reinit(model: nn.Module, gen: torch.Generator) -> None:
@@ -84,11 +88,36 @@ def plant(model: nn.Module, kind: str) -> nn.Module:
         elif kind == "skip_dominated":
             decay = [1.0 / (1 + l) ** 1.5 for l in range(L)]
             _layerscale(model, decay[:-1] + [0.002], decay[:-1] + [0.002])
+            _position_only_values(model, D)
         elif kind == "register_reader":
             if model.num_reg_tokens < HIGH + 1:
                 raise RegclsError("register_reader needs at least 3 registers")
             _plant_register_reader(model, L, D)
     return model.eval()
+
+
+def _position_only_values(model: nn.Module, D: int) -> None:
+    """The last block's values read only the last ``2 * N_RESERVED`` dimensions, which only the patches' position
+    embedding writes (no token, block or patch projection does)."""
+    pos = torch.arange(D - 2 * N_RESERVED, D)
+    model.patch_embed.proj.weight[pos] = 0.0
+    if model.patch_embed.proj.bias is not None:
+        model.patch_embed.proj.bias[pos] = 0.0
+    for name in ("cls_token", "reg_token"):
+        if getattr(model, name, None) is not None:
+            getattr(model, name)[..., pos] = 0.0
+    prefix_positions = model.pos_embed.shape[1] - model.patch_embed.num_patches   # 1 when [CLS] has a position
+    model.pos_embed[:, :prefix_positions, pos] = 0.0
+    for blk in model.blocks:
+        for lin in (blk.attn.proj, blk.mlp.fc2):
+            lin.weight[pos] = 0.0
+            if lin.bias is not None:
+                lin.bias[pos] = 0.0
+    v = model.blocks[-1].attn.qkv.weight[2 * D:]     # (D, D) value weights
+    others = torch.ones(D, dtype=torch.bool)
+    others[pos] = False
+    v[:, others] = 0.0
+    v[:, pos] -= v[:, pos].mean(dim=1, keepdim=True)  # zero sum over pos: LayerNorm's mean term drops out
 
 
 def _plant_register_reader(model: nn.Module, L: int, D: int) -> None:
@@ -111,6 +140,6 @@ def _plant_register_reader(model: nn.Module, L: int, D: int) -> None:
     qkv = last.attn.qkv
     H, hd = last.attn.num_heads, last.attn.head_dim
     qkv.weight[: 2 * D].zero_()                      # queries and keys: rebuilt below
-    qkv.bias[:D] = Q_READ                            # constant [CLS] (and every) query
+    qkv.bias[:D] = Q_READ * D                        # constant [CLS] (and every) query
     for h in range(H):                               # every key coordinate of every head reads the marker
         qkv.weight[D + h * hd: D + (h + 1) * hd, E] = 1.0

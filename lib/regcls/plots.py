@@ -114,7 +114,9 @@ def run_box(profile: Profile, notebook: str):
     cap = image_cap()
     body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '
             f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
-            f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell."
+            f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell. Precision: "
+            f"float32 on the CPU; on a GPU with native bfloat16, bfloat16 autocast for each model whose agreement "
+            f"check with float32 passes (the last line of the page names the precision of every trace it read)."
             + (f" Images capped at <b>{cap}</b> per dataset (<code>REGCLS_LIMIT</code>)." if cap else ""))
     return HTML(_box("tip", "Run this chapter", body))
 
@@ -169,6 +171,13 @@ def finish(start: float) -> str:
     """A chapter's last cell: glue the run time (shown at the top of the page) and say it."""
     import time
 
+    from .cache import PRECISIONS
+
     seconds = time.time() - start
     glue("run_seconds", seconds)
-    return f"This chapter took {seconds:.0f} s on {hardware()}."
+    line = f"This chapter took {seconds:.0f} s on {hardware()}."
+    if len(set(PRECISIONS.values())) == 1:
+        line += f" Every trace it read ({len(PRECISIONS)}) ran in {next(iter(PRECISIONS.values()))}."
+    elif PRECISIONS:
+        line += " Precision of the traces it read: " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items()) + "."
+    return line

@@ -70,6 +70,7 @@ class Profile:
     batch_size: int | None     # None: as many as fit the device (regcls.trace.auto_batch_size)
     device: str                # "cpu", "cuda", or "auto" (CUDA when there is a GPU)
     alt_img_size: int = 518    # the other resolution of the open choice "224 vs 518 px"
+    alt_crop_pct: float = 0.875  # the other preprocessing: resize to 256, crop 224 (Hugging Face's processor)
     appendix: tuple[tuple[str, tuple[ModelSpec, ...]], ...] = ()  # (family, models small to large)
     oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     labelled_classes: int | None = None  # the first classes of ``labelled`` (None = all)
