@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The execution cache is kept per profile (a smoke build never shows up in a paper build) and per library
 # content (jupyter-cache re-runs a notebook only when its cells change; a fix in lib/regcls must reach the pages).
 book: venv
+	@if command -v nvidia-smi >/dev/null 2>&1 && [ "$(DOCTOR)" != 0 ]; then \
+	  $(PY) -m regcls doctor || { echo "regcls doctor: the GPU path is not usable (above); fix it, or skip the check with make book DOCTOR=0"; exit 1; }; fi
 	@prof=$$($(PY) -c "from regcls.profiles import active_profile; print(active_profile(verbose=False).name)"); \
 	echo "building the book on the $$prof profile"; \
 	$(PY) -c "from regcls.cache import prepare_build; prepare_build('_build', '$$prof', always=['chapters/summary_claims.ipynb'])" && \

@@ -33,7 +33,8 @@ SCOPE: dict[str, list[str]] = {
     "metrics": ["regcls.metrics.*"],
     "probe": ["regcls.probe.*"],
     "trace hooks": ["regcls.trace.x_patch_sample_index__*", "regcls.trace.x__cls_row__*", "regcls.trace.x__split__*",
-                    "regcls.trace.xǁTracerǁ*", "regcls.trace.x_trace_batch__*", "regcls.trace.x__to_numpy__*"],
+                    "regcls.trace.xǁTracerǁ*", "regcls.trace.x_trace_batch__*", "regcls.trace.x__to_numpy__*",
+                    "regcls.trace.x__pack__*", "regcls.trace.x__unpack__*"],
     "image pipeline": ["regcls.data.x_list_images__*", "regcls.data.x_load_rgb__*", "regcls.data.xǁGeometryǁ*",
                        "regcls.data.x_eval_config__*", "regcls.data.x__decode_one__*", "regcls.data.xǁImageStoreǁ*",
                        "regcls.data.xǁNormalizedǁ*", "regcls.data.x_decode_images__*"],
@@ -41,7 +42,7 @@ SCOPE: dict[str, list[str]] = {
 FILES = ["metrics.py", "probe.py", "trace.py", "data.py"]
 # The fast unit tests that guard these modules (about 10 s in all); mutmut runs, per mutant, only those that reach
 # it. The planted controls (tests/test_controls.py) are left out: each trace mutant would retrace them (~1 min).
-TESTS = ["tests/test_metrics.py", "tests/test_trace_exact.py", "tests/test_data.py"]
+TESTS = ["tests/test_metrics.py", "tests/test_trace_exact.py", "tests/test_data.py", "tests/test_gpu_path.py"]
 DETECTED = {1, 3, 36, 24, -24, 152, 255, -11, -9, 37}  # killed, timeout, crash (mutmut's exit-code table)
 SURVIVED = {0: "survived", 5: "no tests", 33: "no tests"}
 

@@ -201,7 +201,7 @@ def test_probe_matches_the_scikit_learn_grid_search():
     for k, d, sep in ((3, 10, 0.8), (8, 30, 0.4)):
         y = np.repeat(np.arange(k), 40)
         X = r.normal(size=(len(y), d)) * r.uniform(0.5, 20, d) + sep * r.normal(size=(k, d))[y]
-        ours, ref = linear_probe(X, y), sklearn_probe(X, y)
+        ours, ref = linear_probe(X, y, device="cpu"), sklearn_probe(X, y)   # float32 on the CPU, as measured
         assert ours["C"] == ref["C"]
         assert ours["accuracy"] == pytest.approx(ref["accuracy"], abs=1.5 / ours["n_test"])
 
@@ -504,3 +504,13 @@ def test_probe_chance_is_the_majority_training_class_and_bad_labels_are_one_line
         linear_probe(X[:41], np.append(y[:40], 7))
     W, b = fit_logistic(torch.tensor(X), torch.tensor(y), 3, 1.0)
     assert W.dtype == b.dtype == torch.float64 and W.shape == (4, 3) and b.shape == (3,)
+
+
+def test_probe_with_two_images_per_class_and_more_classes_than_a_30_percent_split():
+    """Colab's first build: ImageNetV2 capped to two images of each class (there 1,000; here 200). A 30% test
+    split (120 images) cannot hold every class: each class gives one image to each split."""
+    from regcls.probe import linear_probe
+    y = np.repeat(np.arange(200), 2)
+    X = np.random.default_rng(5).normal(size=(400, 6)) + 3 * np.eye(6)[y % 6]
+    r = linear_probe(X, y, device="cpu")
+    assert r["n_test"] == r["n_train"] == 200 and r["C"] == 1.0 and 0.0 <= r["accuracy"] <= 1.0

@@ -50,7 +50,8 @@ def time_pair(model, x, repeats: int, device: str) -> dict:
     The trace's hooks are registered outside the timed region (a real run registers them once).
     """
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)   # the device timed, not device 0
     tracer = Tracer(model)
     times = {"plain": [], "trace": []}
     mem = {"plain": 0.0, "trace": 0.0}
@@ -61,8 +62,8 @@ def time_pair(model, x, repeats: int, device: str) -> dict:
                     tracer.__enter__()
                 fn = tracer.run if name == "trace" else model.forward_features
                 if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated() / 2**20
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    base = torch.cuda.memory_allocated(dev) / 2**20
                 else:
                     _reset_peak()
                     base = _status_mb("VmRSS")
@@ -71,7 +72,7 @@ def time_pair(model, x, repeats: int, device: str) -> dict:
                 out = fn(x)
                 sync()
                 dt = time.perf_counter() - t
-                peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")
+                peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _status_mb("VmHWM")
                 del out
                 if name == "trace":
                     tracer.__exit__()
@@ -228,26 +229,37 @@ def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool 
 
 
 # Dense bfloat16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first name that matches wins.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
-                    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
+# Longer names come first where one name contains another (GB200 / B200, H200 NVL / H200, A100 / A10, L40S / L40 /
+# L4). The T4 has no bfloat16 (its fp16 tensor peak is 65): traces run in float32 there.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
+                    ("GB200", 2500.0), ("B200", 2250.0), ("A100", 312.0), ("A10", 125.0), ("L40S", 362.0),
+                    ("L40", 181.0), ("L4", 121.0))
+# Float32 peaks without tensor cores (a float32 trace runs with TF32 off), same data sheets.
+PEAK_FP32_TFLOPS = (("H100 PCIe", 51.0), ("H100 NVL", 60.0), ("H100", 67.0), ("H200 NVL", 60.0), ("H200", 67.0),
+                    ("A100", 19.5), ("A10", 31.2), ("L40S", 91.6), ("L40", 90.5), ("L4", 30.3), ("T4", 8.1))
 
 
-def peak_tflops(device_name: str) -> float:
-    """Dense bf16 peak of a GPU from its name (nan when unknown: pass ``--peak-tflops``)."""
-    return next((tf for key, tf in PEAK_BF16_TFLOPS if key in device_name), float("nan"))
+def peak_tflops(device_name: str, precision: str = "bf16") -> float:
+    """Dense peak of a GPU from its name, for ``"bf16"`` or ``"fp32"`` (nan when unknown: pass ``--peak-tflops``)."""
+    table = PEAK_BF16_TFLOPS if precision == "bf16" else PEAK_FP32_TFLOPS
+    return next((tf for key, tf in table if key in device_name), float("nan"))
 
 
-def device_peak(device: str, override: float | None = None) -> float:
-    """The peak MFU is measured against: ``override``, else the table's value for this GPU (nan on a CPU)."""
+def device_peak(device: str, override: float | None = None, precision: str = "bf16") -> float:
+    """The peak MFU is measured against: ``override``, else the table's value for this GPU in the precision the
+    trace ran in (nan on a CPU)."""
     if override:
         return override
-    return peak_tflops(torch.cuda.get_device_name(torch.device(device))) if device.startswith("cuda") else float("nan")
+    if not device.startswith("cuda"):
+        return float("nan")
+    return peak_tflops(torch.cuda.get_device_name(torch.device(device)), precision)
 
 
-def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tuple[float, str]:
+def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tuple[float, str, dict | None]:
     """Images per second of :func:`regcls.trace.run_trace` from a uint8 image store to the trace file:
     host-to-device copies, normalisation, the bf16 check, the trace, device-to-host copies and the writes
-    included; and the precision run_trace chose ("bf16", or "fp32" where bf16 missed the tolerance)."""
+    included; the precision run_trace chose ("bf16", or "fp32" where bf16 missed the tolerance) and its bf16
+    check (None when bf16 was not asked for)."""
     import tempfile
     import warnings
 
@@ -268,7 +280,8 @@ def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tupl
             run_trace(model, images, ids, out=Path(d) / "t.npz", meta=meta, batch_size=batch, device=device,
                       amp=amp, progress=False)
         rate = n_images / (time.perf_counter() - t)
-        return rate, "bf16" if load_trace(Path(d) / "t.npz", meta_only=True)["meta"].get("amp_used") else "fp32"
+        meta = load_trace(Path(d) / "t.npz", meta_only=True)["meta"]
+        return rate, "bf16" if meta.get("amp_used") else "fp32", meta.get("amp_check")
 
 
 def dinov2_archs() -> list[str]:
@@ -285,8 +298,10 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
     ``on_row(rows)`` is called after each model, so that a run cut short keeps what it measured."""
     from .trace import auto_batch_size
 
+    from .profiles import native_bf16
+
     cuda = device.startswith("cuda")
-    peak = device_peak(device, peak)
+    amp = amp and (not cuda or native_bf16())   # a T4 has no native bf16: its traces run in float32, timed so
     rows = []
     for arch in archs or dinov2_archs():
         torch.manual_seed(0)
@@ -297,12 +312,14 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             r = time_pair(model, x, repeats, device)
         flops = flops_per_image(model)
-        e2e, precision = end_to_end(model, device, bs, max(2 * bs, 8), amp)
-        agree = amp_agreement(model, x[:32])
+        e2e, precision, check = end_to_end(model, device, bs, max(8 * bs, 32), amp)   # fixed costs over 8 batches
+        top = device_peak(device, peak, "bf16" if amp else "fp32")              # MFU in the precision timed
+        top_e2e = device_peak(device, peak, precision)
+        agree = check or amp_agreement(model, x[:32])   # the check the trace decided by (or, for float32, one for the table)
         rows.append({"model": arch, "img": img_size, "batch": bs, "plain_img_per_s": bs / r["plain_s"],
                      "trace_img_per_s": bs / r["trace_s"], "time_ratio": r["trace_s"] / r["plain_s"],
-                     "mfu": flops * bs / r["trace_s"] / 1e12 / peak, "trace_peak_gb": r.get("trace_mb", float("nan")) / 1024,
-                     "end_to_end_img_per_s": e2e, "end_to_end_mfu": flops * e2e / 1e12 / peak,
+                     "mfu": flops * bs / r["trace_s"] / 1e12 / top, "trace_peak_gb": r.get("trace_mb", float("nan")) / 1024,
+                     "end_to_end_img_per_s": e2e, "end_to_end_mfu": flops * e2e / 1e12 / top_e2e,
                      "end_to_end_precision": precision,
                      "gflop_per_img": flops / 1e9, **agree})
         del model, x
@@ -389,12 +406,13 @@ def main(argv=None) -> int:
 
         rows = bench_device(args.device, archs, repeats=3 if args.quick else 10, peak=args.peak_tflops, on_row=keep)
         peak = device_peak(args.device, args.peak_tflops)
-        _print(f"GPU: trace throughput and model FLOPs utilisation (bf16 autocast, 224 px, peak {peak:.0f} TFLOP/s)",
+        _print(f"GPU: trace throughput and model FLOPs utilisation (224 px; against the peak of the precision timed: "
+               f"bf16 {peak:.0f} TFLOP/s, fp32 {device_peak(args.device, args.peak_tflops, 'fp32'):.0f})",
                [{k: r[k] for k in ("model", "batch", "plain_img_per_s", "trace_img_per_s", "time_ratio", "mfu",
                                    "trace_peak_gb", "end_to_end_img_per_s", "end_to_end_mfu", "end_to_end_precision")}
                 for r in rows])
         _print(f"GPU: bf16 against float32 (tolerance {AMP_TOLERANCE})",
-               [{k: r[k] for k in ("model", "identity_fp32", "identity_bf16", "attn_mass_maxdiff", "cka_min",
+               [{k: r[k] for k in ("model", "identity_fp32", "identity_bf16", "share_change_p99", "attn_mass_maxdiff", "cka_min",
                                    "cka_min_key", "ok")} for r in rows])
         proj = project_paper(rows)
         _print("projected GPU time of every trace of the paper profile", proj)

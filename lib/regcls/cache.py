@@ -72,16 +72,24 @@ def content_key(parts: dict) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """``"auto"``: CUDA when there is a GPU, else the CPU. ``"cuda"`` without a GPU: the CPU, with a warning."""
+    """``"auto"``: CUDA when there is a GPU, else the CPU. ``"cuda"`` without a GPU: the CPU, with a warning.
+
+    Where the machine has an NVIDIA driver that torch cannot use (too old for its CUDA), both warn with the reason
+    (:func:`regcls.profiles.cuda_problem`): a GPU machine never traces on the CPU silently."""
+    import warnings
+
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        import warnings
-        warnings.warn("no CUDA device: tracing on the CPU, which is slow for the large models", stacklevel=3)
+    from .profiles import cuda_problem
+
+    if torch.cuda.is_available() or not (device == "auto" or device.startswith("cuda")):
+        return "cuda" if device == "auto" else device
+    problem = cuda_problem()
+    if device == "auto" and problem is None:
         return "cpu"
-    return device
+    warnings.warn(f"{problem or 'no CUDA device'}: tracing on the CPU, which is slow for the large models",
+                  stacklevel=3)
+    return "cpu"
 
 
 def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
@@ -91,8 +99,9 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
 
     ``crop_pct`` overrides the model's crop fraction (None: timm's, see :func:`regcls.data.eval_config`)."""
     from .data import dataset_files
+    from .files import DAMAGED, output_lock, set_aside
     from .models import build, weights_id
-    from .trace import TRACE_SCHEMA, load_trace, trace_files
+    from .trace import TRACE_SCHEMA, check_trace, load_trace, trace_files
 
     device = resolve_device(device)
     amp = amp and device.startswith("cuda") and native_bf16()  # a T4 (Colab) runs float32 without a warning
@@ -100,14 +109,22 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
             "img_size": img_size, "crop_pct": crop_pct, "amp": amp, "schema": TRACE_SCHEMA, "code": source_digest()}
-    path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{content_key(desc)}.npz"
-    if path.is_file():
+    key = content_key(desc)
+    path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{key}.npz"
+    # One process computes an entry; another that needs it meanwhile waits and reads it. A damaged entry (cut
+    # short, garbage, another shape or key) is moved aside with a warning and computed again.
+    with output_lock(path, wait=True):
+        if path.is_file():
+            try:
+                return _loaded(check_trace(load_trace(path), key))
+            except DAMAGED as e:
+                set_aside(path, e)
+        model = build(spec, img_size, checkpoint)
+        trace_files(model, files, ids, labels, out=path, img_size=img_size, batch_size=batch_size, device=device,
+                    amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset, crop_pct=crop_pct,
+                    meta={"model": spec.name, "weights": wid, "dataset": dataset, "model_spec": spec.describe(),
+                          "cache_key": key})
         return _loaded(load_trace(path))
-    model = build(spec, img_size, checkpoint)
-    trace_files(model, files, ids, labels, out=path, img_size=img_size, batch_size=batch_size, device=device,
-                amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset, crop_pct=crop_pct,
-                meta={"model": spec.name, "weights": wid, "dataset": dataset, "model_spec": spec.describe()})
-    return _loaded(load_trace(path))
 
 
 # The precision of every trace this process has read (model and setting -> "bfloat16" or "float32"), for the
@@ -116,10 +133,15 @@ PRECISIONS: dict[str, str] = {}
 
 
 def _loaded(trace: dict) -> dict:
+    from .trace import check_summary
+
     meta = trace["meta"]
-    bf16 = bool(meta.get("amp_used", meta.get("amp", False)))
-    PRECISIONS[f"{meta.get('model', '?')} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px"] = (
-        "bfloat16 autocast (agreement check passed)" if bf16 else "float32")
+    label = meta.get("precision", "float32")
+    check = meta.get("amp_check")
+    if isinstance(check, dict):   # bf16 was asked for: the check decided, with these figures
+        label += f" (bf16 check {'passed' if check['ok'] else 'failed'}: {check_summary(check)})"
+    crop = "" if meta.get("geometry", "").split("-")[1:2] in ([], ["1.0"]) else f", {meta['geometry']}"
+    PRECISIONS[f"{meta.get('model', '?')} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px{crop}"] = label
     return trace
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``regcls trace``, ``regcls data download|list``, ``regcls plan`` (also ``python -m regcls``)."""
+"""Command line: ``regcls trace``, ``regcls merge``, ``regcls data download|list``, ``regcls plan``, ``regcls doctor``
+(also ``python -m regcls``)."""
 from __future__ import annotations
 
 import argparse
@@ -25,18 +26,36 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def check_device(device: str) -> None:
-    """Refuse a device this machine does not have, before any work."""
+    """Refuse a device this machine does not have, before any work (saying why, where the driver is the cause)."""
     import torch
+
+    from .profiles import cuda_problem
 
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise RegclsError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise RegclsError(f"no CUDA device {device!r} on this machine "
+        problem = cuda_problem()
+        raise RegclsError(problem or f"no CUDA device {device!r} on this machine "
                           f"({torch.cuda.device_count()} visible); use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise RegclsError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
+def resolve_precision(device: str, precision: str) -> tuple[str, bool]:
+    """``(device, bf16)`` for ``--device`` and ``--precision``: ``auto`` is CUDA when torch can use a GPU (else the
+    CPU, with the reason when the machine has a GPU torch cannot use) and bf16 autocast where that GPU has it
+    natively; ``bf16`` asks for it anywhere (it is still checked against float32 before use)."""
+    from .cache import resolve_device
+    from .profiles import native_bf16
+
+    if device != "auto":
+        check_device(device)
+    device = resolve_device(device)
+    if precision == "auto":
+        return device, device.startswith("cuda") and native_bf16()
+    return device, precision == "bf16"
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -47,7 +66,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
     if (args.images is None) == (args.dataset is None):
         raise RegclsError("give exactly one of --images DIR and --dataset NAME")
-    check_device(args.device)
+    device, amp = resolve_precision(args.device, "bf16" if args.amp else args.precision)
     name = args.model
     arch, _, tag = name.partition(".")
     weights = "hub" if args.checkpoint is None and not args.random else f"random:{args.seed}"
@@ -62,6 +81,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         files, ids, labels = dataset_files(args.dataset, args.limit)
         source = args.dataset
+    head = files[:32]  # every shard checks bf16 on the request's first images: one precision for all parts
     if args.shard:
         a, b = shard_range(len(files), args.shard)
         files, ids = files[a:b], ids[a:b]
@@ -74,7 +94,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
                               + (" ..." if len(bad) > 5 else ""))
     model = build(spec, args.img_size, args.checkpoint)
     store = trace_files(model, files, ids, labels, out=args.out, img_size=args.img_size, batch_size=args.batch_size,
-                        device=args.device, amp=args.amp, progress=not args.quiet,
+                        device=device, amp=amp, progress=not args.quiet, check_files=head if args.shard else None,
                         meta={"model": spec.name, "weights": weights_id(spec, args.checkpoint), "dataset": source,
                               "model_spec": spec.describe(), "shard": args.shard})
     out = Path(args.out)
@@ -129,6 +149,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run
+
+    return run(trace=not args.no_trace)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regcls", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,8 +170,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=int, help="first N images")
     t.add_argument("--img-size", type=int, default=224)
     t.add_argument("--batch-size", type=int, help="images per batch (default: 16 on the CPU, as many as fit on a GPU)")
-    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    t.add_argument("--amp", action="store_true", help="bfloat16 autocast (for GPUs; the trace's own sums stay float32)")
+    t.add_argument("--device", default="auto", help="auto (a GPU when torch can use one, else the CPU), cpu, cuda or cuda:N")
+    t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bfloat16 autocast on a GPU with native bf16, else float32; bf16 is used only where "
+                        "it agrees with float32 on the first images (the trace's own sums stay float32)")
+    t.add_argument("--amp", action="store_true", help="the same as --precision bf16")
     t.add_argument("--strict", action="store_true", help="any unreadable image is an error")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--shard", help="i/k: trace only the i-th of k contiguous parts (0-based); merge with 'regcls merge'")
@@ -163,6 +192,9 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="what a profile would download and compute (a dry run)")
     pl.add_argument("--profile", help="smoke, laptop or paper (default: REGCLS_PROFILE or detected)")
     pl.set_defaults(func=cmd_plan)
+    dr = sub.add_parser("doctor", help="is this machine ready for the real run? (driver, GPU, folders, hub, a GPU trace)")
+    dr.add_argument("--no-trace", action="store_true", help="skip the 30-second trace on the GPU")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

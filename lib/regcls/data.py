@@ -317,12 +317,13 @@ class ImageStore:
 class Normalized:
     """Slices of a uint8 store as normalised float32 tensors, exactly as ToTensor + Normalize.
 
-    ``Normalized(...).to("cuda")`` moves each slice as uint8 (pinned, a quarter of the float bytes) and
-    normalises it on the device.
+    ``Normalized(...).to("cuda")`` moves each slice as uint8 (a quarter of the float bytes) from the store pinned
+    once in page-locked memory, without blocking, and normalises it on the device.
     """
 
     def __init__(self, pixels: np.ndarray, mean, std, device: str | torch.device = "cpu"):
         self.pixels, self.device, self.stats = pixels, torch.device(device), (tuple(mean), tuple(std))
+        self.pinned = None   # the whole store in page-locked memory, made once when a slice first goes to a GPU
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (equivalent on the CPU)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (equivalent on the CPU)
 
@@ -333,9 +334,12 @@ class Normalized:
         return len(self.pixels)
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(self.pixels[sl]))
         if self.device.type == "cuda":  # pragma: no mutate (GPU only)
-            x = x.pin_memory().to(self.device, non_blocking=True)  # pragma: no mutate (GPU only)
+            if self.pinned is None:  # pragma: no mutate (GPU only)
+                self.pinned = torch.from_numpy(np.ascontiguousarray(self.pixels)).pin_memory()  # pragma: no mutate (GPU only)
+            x = self.pinned[sl].to(self.device, non_blocking=True)  # pragma: no mutate (GPU only)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(self.pixels[sl]))
         x = x.to(self.device).float().div_(255.0)
         return (x - self.mean) / self.std
 
@@ -376,12 +380,26 @@ def image_store(files: list[Path], ids: list[str], geometry: Geometry, cache: Pa
     from .cache import STORE_SOURCES, source_digest
     digest = hashlib.sha256(("\n".join(ids) + geometry.key() + source_digest(STORE_SOURCES)).encode()).hexdigest()[:16]
     path = Path(cache) / f"store-{geometry.key()}-{digest}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            skipped = [tuple(s) for s in z["skipped"].tolist()] if z["skipped"].size else []
-            return ImageStore(z["pixels"], [str(i) for i in z["ids"]], skipped)
-    store = decode_images(files, ids, geometry, progress=progress)
-    from .trace import atomic_savez
-    atomic_savez(path, {"pixels": store.pixels, "ids": np.asarray(store.ids),
-                        "skipped": np.asarray(store.skipped, dtype=str).reshape(-1, 2)})
-    return store
+    from .files import DAMAGED, atomic_savez, output_lock, set_aside
+    with output_lock(path, wait=True):   # one process decodes; another waits and reads it
+        if path.is_file():
+            try:
+                return _read_store(path, len(ids), geometry.img_size)
+            except DAMAGED as e:
+                set_aside(path, e)
+        store = decode_images(files, ids, geometry, progress=progress)
+        atomic_savez(path, {"pixels": store.pixels, "ids": np.asarray(store.ids),
+                            "skipped": np.asarray(store.skipped, dtype=str).reshape(-1, 2)})
+        return store
+
+
+def _read_store(path: Path, n_files: int, size: int) -> ImageStore:
+    """A stored image store, checked: uint8 (n, 3, size, size), one id per image, the skipped files on top."""
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:   # closed also when the file is damaged
+        pixels, ids, skipped = z["pixels"], [str(i) for i in z["ids"]], z["skipped"]
+    skipped = [tuple(s) for s in skipped.tolist()] if skipped.size else []
+    if pixels.dtype != np.uint8 or pixels.shape[1:] != (3, size, size) or len(pixels) != len(ids) \
+            or len(ids) + len(skipped) != n_files:
+        raise RegclsError(f"it holds {pixels.dtype} pixels of shape {pixels.shape} for {len(ids)} ids and "
+                          f"{len(skipped)} skipped files, not {n_files} files at {size} px")
+    return ImageStore(pixels, ids, skipped)

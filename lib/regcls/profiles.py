@@ -248,6 +248,46 @@ def native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The CUDA version the installed NVIDIA driver supports, ``(major, minor)``, asked of the driver library
+    itself (``cuDriverGetVersion``), so that it answers where torch cannot use the GPU; None without a driver."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return version.value // 1000, (version.value % 1000) // 10
+
+
+def cuda_problem() -> str | None:
+    """One line saying why torch cannot use this machine's NVIDIA GPU, or None (a usable GPU, or no NVIDIA
+    driver at all). The common case: torch 2.14 is built for CUDA 13, which needs a driver of the 580 series or
+    newer; on an older driver ``torch.cuda.is_available()`` is only False."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    driver = driver_cuda_version()
+    if driver is None:
+        return None
+    have = f"{driver[0]}.{driver[1]}"
+    built = torch.version.cuda
+    if built is None:
+        return (f"torch {torch.__version__} is a CPU-only build, but this machine has an NVIDIA driver (CUDA {have}): "
+                "install a CUDA build of torch (see the reproducing page)")
+    if tuple(int(x) for x in built.split(".")[:2]) > driver:
+        return (f"the NVIDIA driver (CUDA {have}) is too old for this torch {torch.__version__} (CUDA {built}): update "
+                f"the driver (CUDA {built.split('.')[0]} needs the 580 series or newer) or install the CUDA "
+                f"{driver[0]} build of the same torch version (see the reproducing page)")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"an NVIDIA driver (CUDA {have}) is installed but torch sees no GPU"
+            + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
+
+
 def detect_profile() -> str:
     """The largest profile this machine can run: a GPU with native bfloat16 (A100, H100 or newer) and the hub
     -> paper; the hub -> laptop (on a GPU if there is one, e.g. Colab's T4); else smoke."""

@@ -28,6 +28,8 @@ each block from the ``qkv`` projection the block already computed, so no N x N a
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -43,6 +45,7 @@ from torch import nn
 
 from . import __version__
 from .errors import RegclsError
+from .files import atomic_savez, atomic_write_text, disk_error, output_lock
 from .models import layout
 from .profiles import native_bf16
 
@@ -178,7 +181,7 @@ class Tracer:
 
 
 # bfloat16 autocast is used only where it agrees with float32 this closely (checked on the first images).
-AMP_TOLERANCE = {"identity_bf16": 2e-2, "attn_mass_maxdiff": 1e-2, "cka_min": 0.999, "penult_cosine_change": 0.1}
+AMP_TOLERANCE = {"identity_bf16": 2e-2, "share_change_p99": 1e-2, "cka_min": 0.999, "penult_cosine_change": 0.1}
 
 
 def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
@@ -186,9 +189,10 @@ def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
 
     ``identity_*``: relative L2 distance between the decomposed attention branch (parts + bias) and the
     branch the model itself computed (output of the last block's LayerScale), [CLS] token.
-    ``attn_mass_maxdiff``: largest change of any [CLS] attention share (every block, head, token type).
-    ``cka_min``: smallest linear CKA across the images between bf16 and float32, over the vectors the
-    chapters compare (``cka_min_key`` names it). ``penult_cosine_change``: the largest relative change of
+    ``share_change_p99``: 99th percentile over images, blocks and token types of the change of the [CLS]
+    attention share averaged over heads (what Sec. 3.1 compares); ``attn_mass_maxdiff``, the largest change of
+    any single head's share, is reported beside it. ``cka_min``: smallest linear CKA across the images between
+    bf16 and float32 over every per-image array of the trace (``cka_min_key`` names it). ``penult_cosine_change``: the largest relative change of
     1 - (mean pairwise cosine across the images) of a prefix token entering the last block (Sec. 3.2 reports
     0.9989, four digits: bf16 may move 1 - cos by a tenth of itself at most). ``ok``: all within
     :data:`AMP_TOLERANCE`.
@@ -210,22 +214,23 @@ def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
     def rel(a, b):
         return float((a.float() - b).norm() / b.norm())
 
-    keys = ["attn_out_cls", "attn_out_patch", "attn_out_full", "skip", "cls_final"]
-    keys += ["attn_out_reg"] if layout(model).num_registers else []
-    ckas = {k: cka(low[k].float().cpu().numpy(), ref[k].float().cpu().numpy()) for k in keys}
+    def flat(t):
+        return t.double().flatten(1).cpu().numpy()
+
+    ckas = {k: cka(flat(low[k]), flat(ref[k])) for k in PER_IMAGE if k != "attn_mass"}
+    ckas = {k: v for k, v in ckas.items() if np.isfinite(v)}   # the register arrays of a model without registers
     worst = min(ckas, key=ckas.get)
+    share = (low["attn_mass"].double().mean(2) - ref["attn_mass"].double().mean(2)).abs()   # (B, L, 3)
     ref_p, low_p = (r["prefix_penult"].double().cpu().numpy() for r in (ref, low))
     gap = [(1 - mean_pairwise_cosine(ref_p[:, t]), 1 - mean_pairwise_cosine(low_p[:, t])) for t in range(ref_p.shape[1])]
     penult = max(abs(b - a) / max(a, 1e-3) for a, b in gap)
     out = {"identity_fp32": rel(ref["attn_out_full"], ref_branch),
            "identity_bf16": rel(low["attn_out_full"], low_branch),
            "attn_mass_maxdiff": float((low["attn_mass"].float() - ref["attn_mass"].float()).abs().max()),
+           "share_change_p99": float(torch.quantile(share.flatten(), 0.99)),
            "cka_min": float(ckas[worst]), "cka_min_key": worst, "penult_cosine_change": float(penult),
            "images": len(x)}
-    out["ok"] = bool(out["identity_bf16"] <= AMP_TOLERANCE["identity_bf16"]
-                     and out["attn_mass_maxdiff"] <= AMP_TOLERANCE["attn_mass_maxdiff"]
-                     and out["cka_min"] >= AMP_TOLERANCE["cka_min"]
-                     and out["penult_cosine_change"] <= AMP_TOLERANCE["penult_cosine_change"])
+    out["ok"] = all(out[k] >= tol if k == "cka_min" else out[k] <= tol for k, tol in AMP_TOLERANCE.items())
     return out
 
 
@@ -238,22 +243,6 @@ def trace_batch(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------- files
-
-def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that ``path`` is either absent, the old file, or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def save_trace(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Save a trace: float32 arrays plus metadata (model, weights, dataset, sizes, version, options)."""
@@ -280,12 +269,27 @@ def load_trace(path: str | Path, meta_only: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RegclsError(f"trace {path} does not exist")
-    with np.load(path, allow_pickle=False) as z:
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:   # closed also when the file is damaged
         tr = {k: z[k] for k in (["meta_json"] if meta_only else z.files)}
     tr["meta"] = json.loads(str(tr.pop("meta_json")))
     if tr["meta"].get("trace_schema") != TRACE_SCHEMA:
         raise RegclsError(f"trace {path} has schema {tr['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}; "
                           "delete it to recompute")
+    return tr
+
+
+def check_trace(tr: dict, key: str | None = None) -> dict:
+    """``tr`` as :func:`load_trace` read it, checked: every array of the schema, one row per image in each, and
+    (for a cache entry) the cache key it was written under. Raises :class:`RegclsError` saying what is wrong."""
+    missing = [k for k in (*PER_IMAGE, "attn_out_bias", "image_ids") if k not in tr]
+    if missing:
+        raise RegclsError(f"it lacks {', '.join(missing)}")
+    n = len(tr["image_ids"])
+    uneven = [k for k in PER_IMAGE if tr[k].shape[:1] != (n,)]
+    if uneven or tr["meta"].get("n_images", n) != n:
+        raise RegclsError(f"{', '.join(uneven) or 'n_images'} disagree with its {n} image ids")
+    if key is not None and tr["meta"].get("cache_key") != key:
+        raise RegclsError(f"it was written under cache key {tr['meta'].get('cache_key')}, not {key}")
     return tr
 
 
@@ -343,12 +347,76 @@ def trace_meta(net: nn.Module, **meta) -> dict:
 # ------------------------------------------------------------------------------ many images
 
 def _to_numpy(rec: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: rec[k].detach().float().cpu().numpy() if rec[k].dtype != torch.float64
-            else rec[k].detach().cpu().numpy() for k in PER_IMAGE}
+    return _unpack(_pack(rec))
+
+
+def _pack(rec: dict[str, torch.Tensor]) -> tuple:
+    """A batch's arrays in one buffer, on its way to the host: one device-to-host copy per batch instead of one
+    per array. On CUDA the copy goes to pinned memory without blocking, and an event marks its end (the writer
+    thread waits on it); float64 (the exactness tests) travels as float64, everything else as float32."""
+    wide = any(rec[k].dtype == torch.float64 for k in PER_IMAGE)
+    dtype = torch.float64 if wide else torch.float32
+    layout_ = [(k, tuple(rec[k].shape), rec[k].dtype == torch.float64) for k in PER_IMAGE]
+    flat = torch.cat([rec[k].detach().reshape(-1).to(dtype) for k in PER_IMAGE])
+    if flat.device.type != "cuda":
+        return flat, layout_, None
+    host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)  # pragma: no mutate (GPU only)
+    host.copy_(flat, non_blocking=True)  # pragma: no mutate (GPU only)
+    done = torch.cuda.Event()  # pragma: no mutate (GPU only)
+    done.record()  # pragma: no mutate (GPU only)
+    return host, layout_, done
+
+
+def _unpack(packed: tuple) -> dict[str, np.ndarray]:
+    """The arrays of :func:`_pack`, as numpy (float32, or float64 where the trace computed float64)."""
+    host, layout_, done = packed
+    if done is not None:
+        done.synchronize()  # pragma: no mutate (GPU only)
+    buf, out, at = host.numpy(), {}, 0
+    for k, shape, wide in layout_:
+        size = int(np.prod(shape))
+        out[k] = buf[at:at + size].reshape(shape).astype(np.float64 if wide else np.float32, copy=True)
+        at += size
+    return out
+
+
+def _write_part(path: Path, packed: tuple) -> None:
+    atomic_savez(path, _unpack(packed))
+
+
+class _Batches:
+    """Model input for ``images[i:j]``; on CUDA the next batch is copied and normalised on a side stream while
+    the current one is traced."""
+
+    def __init__(self, images, device: str, dtype: torch.dtype):
+        self.images, self.device, self.dtype = images, torch.device(device), dtype
+        self.cuda = self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if self.cuda else None  # pragma: no mutate (GPU only)
+        self.ahead: tuple | None = None
+
+    def _load(self, i: int, j: int) -> torch.Tensor:
+        return self.images[i:j].to(device=self.device, dtype=self.dtype)
+
+    def get(self, i: int, j: int, next_j: int) -> torch.Tensor:
+        """``images[i:j]`` on the device; starts copying ``images[j:next_j]`` (when there are any) behind it."""
+        if not self.cuda:
+            return self._load(i, j)
+        if self.ahead is not None and self.ahead[:2] == (i, j):  # pragma: no mutate (GPU only)
+            x = self.ahead[2]  # pragma: no mutate (GPU only)
+            torch.cuda.current_stream(self.device).wait_stream(self.side)  # pragma: no mutate (GPU only)
+            x.record_stream(torch.cuda.current_stream(self.device))  # pragma: no mutate (GPU only)
+        else:
+            x = self._load(i, j)  # pragma: no mutate (GPU only)
+        self.ahead = None  # pragma: no mutate (GPU only)
+        if next_j > j:  # pragma: no mutate (GPU only)
+            with torch.cuda.stream(self.side):  # pragma: no mutate (GPU only)
+                self.ahead = (j, next_j, self._load(j, next_j))  # pragma: no mutate (GPU only)
+        return x
 
 
 def auto_batch_size(model: nn.Module, device: str, amp: bool = False, cap: int = 512) -> int:
-    """Images per batch: 16 on the CPU; on CUDA as many as half the free memory holds (a power of two <= cap).
+    """Images per batch: 16 on the CPU; on CUDA as many as half the free memory holds (a power of two <= cap);
+    memory PyTorch holds in its cache but does not use counts as free.
 
     Inference holds about N x (6 D + 2 D_mlp) activations per image at once (residual stream, norm, qkv,
     attention output, the MLP's hidden layer before and after its activation); twice that is budgeted.
@@ -359,14 +427,69 @@ def auto_batch_size(model: nn.Module, device: str, amp: bool = False, cap: int =
     lay = layout(model)
     hidden = max(m.out_features for m in model.blocks[0].mlp.modules() if isinstance(m, nn.Linear))
     per_image = 2 * lay.num_tokens * (6 * lay.dim + 2 * hidden) * (2 if amp else 4)
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    dev = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(dev)
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by PyTorch: free for us
     fits = max(1, int(0.5 * free // per_image))
     return min(cap, 1 << (fits.bit_length() - 1))
 
 
+def decide_precision(model: nn.Module, images: torch.Tensor, *, device: str, amp: bool, name: str = "this model",
+                     decision_file: Path | None = None) -> tuple[bool, dict | None]:
+    """bfloat16 autocast or float32 for one trace request: ``(amp, check)``.
+
+    bf16 is used only where it is asked for, the GPU has it natively (the CPU runs it too, for tests), and
+    :func:`amp_agreement` on ``images`` (the request's first 32) passes. The decision is written to
+    ``decision_file`` (in the parts folder) and read back by a resumed run, and shards of one request check the
+    same images, so that every part of a trace has one precision.
+    """
+    if decision_file is not None and decision_file.is_file():
+        d = json.loads(decision_file.read_text())
+        return bool(d["amp"]), d["check"]
+    check = None
+    if amp and torch.device(device).type == "cuda" and not native_bf16():
+        warnings.warn(f"{torch.cuda.get_device_name(torch.device(device))} has no native bfloat16; tracing in float32",
+                      stacklevel=3)
+        amp = False
+    if amp:
+        dtype = next(model.parameters()).dtype
+        check = amp_agreement(model, images[0:min(len(images), 32)].to(device=device, dtype=dtype))
+        print(f"bf16 check for {name}: {'passed' if check['ok'] else 'failed'} ({_describe_check(check)})",
+              file=sys.stderr, flush=True)
+        if not check["ok"]:
+            warnings.warn(f"bfloat16 disagrees with float32 for {name} on the first {check['images']} images "
+                          f"({_describe_check(check)}); tracing in float32", stacklevel=3)
+            amp = False
+    if decision_file is not None:
+        atomic_write_text(decision_file, json.dumps({"amp": amp, "check": check}))
+    return amp, check
+
+
+@contextlib.contextmanager
+def strict_float32(device: str):
+    """Float32 matrix products and convolutions in full float32 on CUDA (PyTorch lets convolutions use TF32 on
+    A100/H100 by default); restored afterwards. Nothing changes on the CPU."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def precision_label(device: str, amp: bool) -> str:
+    """What a trace file records as its precision."""
+    if amp:
+        return "bfloat16 autocast (the trace's own arithmetic float32)"
+    return "float32 (TF32 off)" if torch.device(device).type == "cuda" else "float32"
+
+
 def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta: dict,
               extra: dict[str, np.ndarray] | None = None, batch_size: int | None = None, device: str = "cpu",
-              amp: bool = False, progress: bool = True) -> Path:
+              amp: bool = False, progress: bool = True, check_images=None) -> Path:
     """Trace all images into ``out`` (.npz), resuming an interrupted run of the same settings.
 
     ``images`` is indexable by a slice and returns normalised float images (B, 3, S, S) (see
@@ -374,15 +497,48 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
     one from the free memory (:func:`auto_batch_size`); ``amp`` runs under bfloat16 autocast (the trace's
     own arithmetic stays float32). Finished batches go to ``out.parts/`` as they complete (atomic writes, in
     a background thread so the device keeps working); the final file is written atomically and the parts
-    are removed.
+    are removed. ``check_images`` are the images the bf16 check runs on (default: the first of ``images``;
+    shards pass the whole request's first images, :func:`decide_precision`).
     """
+    out = Path(out)
+    parts_dir = out.with_name(out.name + ".parts")
+    try:
+        with output_lock(out):   # a second run on this output refuses in one line, naming this one
+            return _trace_into(model, images, ids, out=out, meta=meta, extra=extra, batch_size=batch_size,
+                               device=device, amp=amp, progress=progress, check_images=check_images)
+    except OSError as e:
+        why = disk_error(e)
+        if why is None:
+            raise
+        kept = _contiguous(parts_dir)[-1:]
+        todo = ("free some space, or write elsewhere (--out, REGCLS_CACHE)" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "make the folder writable, or write elsewhere (--out, REGCLS_CACHE)")
+        what = (f"{kept[0][1]} of {len(ids)} images traced are kept in {parts_dir}" if kept
+                else f"none of {len(ids)} images was kept")
+        raise RegclsError(f"{why} writing {e.filename or parts_dir}: {what}; {todo}, then run the same command "
+                          "again to resume") from None
+
+
+def _contiguous(parts_dir: Path) -> list[tuple[int, int]]:
+    """The finished batch ranges in ``parts_dir`` that follow each other from image 0."""
+    done, end = [], 0
+    for a, b in sorted(tuple(int(x) for x in p.stem.split("-")) for p in parts_dir.glob("*-*.npz")):
+        if a != end:
+            break
+        done.append((a, b))
+        end = b
+    return done
+
+
+def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: dict, extra, batch_size, device, amp,
+                progress, check_images) -> Path:
+    """:func:`run_trace` under its lock."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     from .data import Normalized
 
-    out = Path(out)
     n = len(ids)
     if n == 0:
         raise RegclsError("no images to trace")
@@ -397,29 +553,21 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
     if isinstance(images, Normalized):
         images = images.to(device)
     dtype = next(model.parameters()).dtype
-    amp_check = None
-    if amp and torch.device(device).type == "cuda" and not native_bf16():
-        warnings.warn(f"{torch.cuda.get_device_name(torch.device(device))} has no native bfloat16; tracing in float32",
-                      stacklevel=2)
-        amp = False
-    if amp:  # bf16 only where it agrees with float32 on these images
-        amp_check = amp_agreement(model, images[0:min(n, 32)].to(device=device, dtype=dtype))
-        if not amp_check["ok"]:
-            warnings.warn(f"bfloat16 disagrees with float32 for {meta.get('model', 'this model')} on the first "
-                          f"{amp_check['images']} images ({_describe_check(amp_check)}); tracing in float32",
-                          stacklevel=2)
-            amp = False
+    asked = amp
+    amp, amp_check = decide_precision(model, images if check_images is None else check_images, device=device, amp=amp,
+                                      name=meta.get("model", "this model"), decision_file=parts_dir / "precision.json")
     batch_size = batch_size or auto_batch_size(model, device, amp)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
     bias = None
     bar = tqdm(total=n, initial=start, unit="img", desc=f"trace {meta.get('model', '')}", disable=not progress)
+    batches = _Batches(images, device, dtype)
     writer, pending = ThreadPoolExecutor(1), []
     try:
-        with Tracer(model) as tracer:
+        with Tracer(model) as tracer, strict_float32(device) if not amp else contextlib.nullcontext():
             i = start
             while i < n:
                 j = min(i + batch_size, n)
-                x = images[i:j].to(device=device, dtype=dtype)
+                x = batches.get(i, j, min(j + batch_size, n))
                 try:
                     with autocast:
                         rec = tracer.run(x)
@@ -431,7 +579,8 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
                     torch.cuda.empty_cache()
                     bar.write(f"out of memory: retrying with batch size {batch_size}")
                     continue
-                pending.append(writer.submit(atomic_savez, parts_dir / f"{i:09d}-{j:09d}.npz", _to_numpy(rec)))
+                pending.append(writer.submit(_write_part, parts_dir / f"{i:09d}-{j:09d}.npz", _pack(rec)))
+                del rec
                 while len(pending) > 2:  # at most two batches wait for the disk
                     pending.pop(0).result()
                 done.append((i, j))
@@ -444,8 +593,9 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
                     print(f"paused after {pause_after} batches", file=sys.stderr, flush=True)
                     while True:
                         time.sleep(0.05)
-            if bias is None:  # everything came from parts: one tiny batch recovers the bias
-                tracer.run(images[0:1].to(device=device, dtype=dtype))
+            if bias is None:  # everything came from parts: one tiny batch recovers the bias, as the run made it
+                with autocast:
+                    tracer.run(images[0:1].to(device=device, dtype=dtype))
                 bias = tracer.bias
     finally:
         writer.shutdown(wait=True)  # finished batches reach the disk, also on an interrupt
@@ -456,29 +606,38 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
               for k in PER_IMAGE}
     arrays["attn_out_bias"] = bias.detach().float().cpu().numpy()
     arrays["image_ids"] = np.asarray(ids)
-    if amp_check is not None:
+    meta = {**meta, "precision": precision_label(device, amp)}
+    if asked:
         meta = {**meta, "amp_used": amp, "amp_check": amp_check}
     save_trace(out, {**arrays, **(extra or {})}, meta)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return out
 
 
-def _describe_check(check: dict) -> str:
-    return (f"identity error {check['identity_bf16']:.1e}, attention share change {check['attn_mass_maxdiff']:.1e}, "
+def check_summary(check: dict) -> str:
+    """The bf16 check's figures in one phrase (for the run's log and the chapter's last line)."""
+    return (f"identity error {check['identity_bf16']:.1e}, attention share change {check['share_change_p99']:.1e} "
+            f"(99th percentile; one head at most {check['attn_mass_maxdiff']:.1e}), "
             f"CKA of {check['cka_min_key']} {check['cka_min']:.4f}, change of 1 - penultimate pairwise cosine "
-            f"{check['penult_cosine_change']:.1%}; tolerance {AMP_TOLERANCE}")
+            f"{check['penult_cosine_change']:.1%}")
+
+
+def _describe_check(check: dict) -> str:
+    return f"{check_summary(check)}; tolerance {AMP_TOLERANCE}"
 
 
 def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarray | None, *, out: str | Path,
                 meta: dict, img_size: int, batch_size: int | None = None, device: str = "cpu", amp: bool = False,
-                progress: bool = True, store_cache: str | Path | None = None, crop_pct: float | None = None):
+                progress: bool = True, store_cache: str | Path | None = None, crop_pct: float | None = None,
+                check_files: list | None = None):
     """Decode image files with the model's eval transform and trace them into ``out``.
 
     ``meta`` names the model, weights and dataset; the preprocessing, the image count and the skipped files
-    are added here. ``crop_pct`` overrides the model's crop fraction (:func:`regcls.data.eval_config`). Returns the
-    image store (its ``skipped`` lists unreadable files).
+    are added here. ``crop_pct`` overrides the model's crop fraction (:func:`regcls.data.eval_config`).
+    ``check_files``: the files the bf16 check decodes and runs on (a shard passes the whole request's first files,
+    so that every shard decides alike). Returns the image store (its ``skipped`` lists unreadable files).
     """
-    from .data import eval_config, image_store
+    from .data import decode_images, eval_config, image_store
 
     geometry, mean, std = eval_config(model, img_size, crop_pct)
     store = image_store(files, ids, geometry, cache=store_cache, progress=progress)
@@ -488,8 +647,12 @@ def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarra
     if labels is not None:
         pos = {i: k for k, i in enumerate(ids)}
         extra = {"labels": np.asarray(labels)[[pos[i] for i in store.ids]]}
+    check = None
+    if amp and check_files:
+        head = decode_images(list(check_files)[:32], [str(f) for f in list(check_files)[:32]], geometry, progress=False)
+        check = head.normalized(mean, std)[0:len(head)]
     run_trace(model, store.normalized(mean, std), store.ids, out=out, meta=meta, extra=extra,
-              batch_size=batch_size, device=device, amp=amp, progress=progress)
+              batch_size=batch_size, device=device, amp=amp, progress=progress, check_images=check)
     return store
 
 
@@ -502,14 +665,7 @@ def _resume(parts_dir: Path, key: str) -> list[tuple[int, int]]:
     """Finished, contiguous batch ranges of an earlier run with the same key; else start afresh."""
     key_file = parts_dir / "run.json"
     if parts_dir.is_dir() and key_file.is_file() and key_file.read_text() == key:
-        ranges = sorted(tuple(int(x) for x in p.stem.split("-")) for p in parts_dir.glob("*-*.npz"))
-        done, end = [], 0
-        for a, b in ranges:
-            if a != end:
-                break
-            done.append((a, b))
-            end = b
-        return done
+        return _contiguous(parts_dir)
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
     key_file.write_text(key)

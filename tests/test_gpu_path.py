@@ -1,0 +1,227 @@
+"""The GPU path, tested on the CPU: the device and precision defaults, the driver message with the CUDA query
+faked, one precision decision per trace request (resumes and shards), strict float32, the benchmark's peak
+table and memory accounting, and ``regcls doctor``. No GPU is used; nothing here is timed."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_performance import tiny_model, uint8_store
+from regcls import bench, cli, profiles
+from regcls import trace as T
+from regcls.errors import RegclsError
+
+PERMISSIVE = {"identity_bf16": 1.0, "share_change_p99": 1.0, "cka_min": -1.0, "penult_cosine_change": 1e9}
+
+
+# --------------------------------------------------------------------------- driver and defaults
+
+@pytest.fixture
+def old_driver(monkeypatch):
+    """A machine whose NVIDIA driver supports CUDA 12.4 and a torch built for CUDA 13.0: no GPU for torch."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(profiles, "driver_cuda_version", lambda: (12, 4))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+
+
+def test_the_driver_message_names_both_cuda_versions(old_driver, monkeypatch):
+    msg = profiles.cuda_problem()
+    assert msg.startswith("the NVIDIA driver (CUDA 12.4) is too old for this torch ")
+    assert "(CUDA 13.0): update the driver (CUDA 13 needs the 580 series or newer) or install the CUDA 12 build" in msg
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "is a CPU-only build, but this machine has an NVIDIA driver (CUDA 12.4)" in profiles.cuda_problem()
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert profiles.cuda_problem() == ("an NVIDIA driver (CUDA 12.4) is installed but torch sees no GPU "
+                                       "(CUDA_VISIBLE_DEVICES='')")
+    monkeypatch.setattr(profiles, "driver_cuda_version", lambda: None)
+    assert profiles.cuda_problem() is None                    # no driver: nothing to explain
+
+
+def test_no_silent_cpu_run_on_a_machine_with_an_unusable_gpu(old_driver):
+    from regcls.cache import resolve_device
+    with pytest.warns(UserWarning, match=r"too old for this torch .*: tracing on the CPU"):
+        assert resolve_device("auto") == "cpu"
+    with pytest.raises(RegclsError, match=r"^the NVIDIA driver \(CUDA 12.4\) is too old"):
+        cli.check_device("cuda")
+    assert cli.main(["trace", "--model", "m", "--images", ".", "--device", "cuda", "--out", "x.npz"]) == 2
+
+
+def test_the_driver_query_answers_without_a_driver():
+    assert profiles.driver_cuda_version() is None or len(profiles.driver_cuda_version()) == 2
+
+
+def test_trace_defaults_to_the_gpu_and_bf16_where_the_machine_has_them(monkeypatch):
+    args = cli.parser().parse_args(["trace", "--model", "m", "--images", ".", "--out", "o.npz"])
+    assert (args.device, args.precision, args.amp) == ("auto", "auto", False)
+    if not torch.cuda.is_available():
+        assert cli.resolve_precision("auto", "auto") == ("cpu", False)
+    assert cli.resolve_precision("cpu", "bf16") == ("cpu", True)     # asked for: still checked before use
+    assert cli.resolve_precision("cpu", "fp32") == ("cpu", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # an H100: CUDA and bf16 by default
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert cli.resolve_precision("auto", "auto") == ("cuda", True)
+    assert cli.resolve_precision("cuda:0", "fp32") == ("cuda:0", False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a T4
+    assert cli.resolve_precision("auto", "auto") == ("cuda", False)
+
+
+# --------------------------------------------------------------------------- one precision per request
+
+def _meta(model):
+    return T.trace_meta(model, model="m", weights="random", dataset="d", img_size=56)
+
+
+def _images():
+    store = uint8_store(12)
+    return store, store.normalized((0.5,) * 3, (0.25,) * 3)
+
+
+def test_a_resumed_bf16_run_equals_an_uninterrupted_one_and_keeps_its_decision(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "AMP_TOLERANCE", PERMISSIVE)
+    model = tiny_model()
+    store, images = _images()
+    whole = T.run_trace(model, images, store.ids, out=tmp_path / "whole.npz", meta=_meta(model), batch_size=4, amp=True)
+    save = T.save_trace
+
+    def fail(*a, **k):
+        raise OSError("interrupted before the final file")
+
+    monkeypatch.setattr(T, "save_trace", fail)            # every batch is in the parts, the final file is not
+    with pytest.raises(OSError):
+        T.run_trace(model, images, store.ids, out=tmp_path / "r.npz", meta=_meta(model), batch_size=4, amp=True)
+    decision = json.loads((tmp_path / "r.npz.parts" / "precision.json").read_text())
+    assert decision["amp"] is True and decision["check"]["ok"] is True
+    monkeypatch.setattr(T, "save_trace", save)
+    monkeypatch.setattr(T, "amp_agreement", lambda *a, **k: pytest.fail("a resumed run checked bf16 again"))
+    T.run_trace(model, images, store.ids, out=tmp_path / "r.npz", meta=_meta(model), batch_size=4, amp=True)
+    a, b = T.load_trace(whole), T.load_trace(tmp_path / "r.npz")
+    for k in (*T.PER_IMAGE, "attn_out_bias"):
+        assert np.array_equal(a[k], b[k]), k          # the bias recovered from the parts under the same autocast
+    assert a["meta"]["precision"] == b["meta"]["precision"] == "bfloat16 autocast (the trace's own arithmetic float32)"
+    assert b["meta"]["amp_used"] is True
+
+
+def test_shards_decide_on_the_same_images_and_merge(tmp_path, monkeypatch):
+    seen = []
+    check = T.amp_agreement
+
+    def recording(model, x):
+        seen.append(x.double().sum().item())
+        return check(model, x)
+
+    monkeypatch.setattr(T, "AMP_TOLERANCE", PERMISSIVE)
+    monkeypatch.setattr(T, "amp_agreement", recording)
+    model = tiny_model()
+    store, images = _images()
+    head = images[0:12]
+    parts = []
+    for i, (a, b) in enumerate(((0, 6), (6, 12))):
+        out = tmp_path / f"part{i}.npz"
+        T.run_trace(model, images[a:b], store.ids[a:b], out=out, meta={**_meta(model), "shard": f"{i}/2"},
+                    batch_size=6, amp=True, check_images=head)   # the single run's batches: bf16 alike
+        parts.append(out)
+    assert len(seen) == 2 and seen[0] == seen[1]       # both shards checked the request's first images
+    merged = T.load_trace(T.merge_traces(parts, tmp_path / "all.npz"))
+    whole = T.load_trace(T.run_trace(model, images, store.ids, out=tmp_path / "one.npz", meta=_meta(model),
+                                     batch_size=6, amp=True))
+    for k in (*T.PER_IMAGE, "attn_out_bias"):
+        assert np.array_equal(merged[k], whole[k]), k
+
+
+def test_shards_of_other_precisions_refuse_to_merge(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "AMP_TOLERANCE", PERMISSIVE)
+    model = tiny_model()
+    store, images = _images()
+    low = T.run_trace(model, images[0:6], store.ids[:6], out=tmp_path / "a.npz", meta=_meta(model), amp=True)
+    full = T.run_trace(model, images[6:12], store.ids[6:], out=tmp_path / "b.npz", meta=_meta(model), amp=False)
+    with pytest.raises(RegclsError, match=r"traced with other settings \(amp_used, precision\) and cannot be merged"):
+        T.merge_traces([low, full], tmp_path / "m.npz")
+
+
+def test_float32_traces_record_their_precision_and_keep_tf32_off_on_cuda(tmp_path):
+    model = tiny_model()
+    store, images = _images()
+    t = T.load_trace(T.run_trace(model, images, store.ids, out=tmp_path / "f.npz", meta=_meta(model)))
+    assert t["meta"]["precision"] == "float32" and "amp_used" not in t["meta"]
+    assert T.precision_label("cuda:1", False) == "float32 (TF32 off)"
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # PyTorch's convolution default
+    try:
+        with T.strict_float32("cuda"):
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        with T.strict_float32("cpu"):
+            assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+# --------------------------------------------------------------------------- benchmark and memory
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    ("NVIDIA H200 NVL", 835.0, 60.0), ("NVIDIA H200", 989.0, 67.0), ("NVIDIA GB200", 2500.0, float("nan")),
+    ("NVIDIA B200", 2250.0, float("nan")), ("NVIDIA L40", 181.0, 90.5), ("NVIDIA L40S", 362.0, 91.6),
+    ("NVIDIA L4", 121.0, 30.3), ("NVIDIA A100-SXM4-80GB", 312.0, 19.5), ("NVIDIA A10", 125.0, 31.2),
+    ("NVIDIA A10G", 125.0, 31.2), ("Tesla T4", float("nan"), 8.1), ("NVIDIA H100 PCIe", 756.0, 51.0)])
+def test_peak_table_matches_the_longest_name(name, bf16, fp32):
+    np.testing.assert_equal(bench.peak_tflops(name), bf16)
+    np.testing.assert_equal(bench.peak_tflops(name, "fp32"), fp32)
+
+
+def test_auto_batch_size_counts_memory_pytorch_has_cached(monkeypatch):
+    with torch.device("meta"):
+        from regcls.models import create
+        model = create("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=224)
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 40 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: 8 * gib)
+    cached = T.auto_batch_size(model, "cuda", amp=True)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 8 * gib)
+    assert T.auto_batch_size(model, "cuda", amp=True) < cached <= 512
+
+
+# --------------------------------------------------------------------------- regcls doctor
+
+def test_doctor_says_in_one_line_that_there_is_no_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from regcls import doctor
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[    ] versions regcls ") and "torch 2.14.1" in out[0]
+    assert any(line.startswith("[FAIL] gpu      no GPU") for line in out)
+    assert out[-1].startswith("verdict: the GPU path is not usable: gpu: no GPU")
+    assert all(line.startswith(tuple(f"[{m}]" for m in doctor.MARK.values())) for line in out[:-1])
+
+
+def test_doctor_gpu_trace_runs_every_line_on_the_cpu():
+    from regcls.doctor import gpu_trace
+    c = gpu_trace(seconds=0.3, device="cpu")
+    assert c.status == "ok" and c.text.startswith("ViT-S/14+reg on cpu in float32: ")
+    assert "relative difference 0.0e+00, CKA 1.00000" in c.text
+
+
+# --------------------------------------------------------------------------- one copy per batch
+
+def test_one_buffer_per_batch_carries_every_array_exactly():
+    g = torch.Generator().manual_seed(0)
+    rec = {k: torch.randn(3, 2, 5, generator=g) for k in T.PER_IMAGE}
+    rec["cls_attn"] = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)   # float64 stays float64
+    rec["skip"] = torch.randn(3, 6, generator=g).to(torch.bfloat16)            # bf16 arrives as float32
+    got = T._unpack(T._pack(rec))
+    assert list(got) == list(T.PER_IMAGE)
+    for k in T.PER_IMAGE:
+        assert got[k].dtype == (np.float64 if k == "cls_attn" else np.float32), k
+        assert got[k].shape == tuple(rec[k].shape) and np.array_equal(got[k], rec[k].double().numpy()), k
+    one = T._unpack(T._pack({k: v.float() for k, v in rec.items()}))
+    assert one["cls_attn"].dtype == np.float32 and np.array_equal(one["cls_attn"], rec["cls_attn"].float().numpy())
+
+
+def test_batches_are_the_store_slices_on_the_cpu():
+    store, images = _images()
+    b = T._Batches(images, "cpu", torch.float32)
+    assert torch.equal(b.get(4, 8, 12), images[4:8]) and b.ahead is None
