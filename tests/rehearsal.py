@@ -209,7 +209,7 @@ class _Files(http.server.BaseHTTPRequestHandler):
 def download_datasets(names: list[str]) -> None:
     """Serve the generated archives from 127.0.0.1 and run the real download (fetch, checksum, unpack)."""
     from regcls import data
-    from regcls.download import download
+    from regcls.data import download_dataset as download
 
     make = {"coco-val2017": coco_archive, "imagenetv2": imagenetv2_archive}
     todo = [n for n in names if n in make and not (data.data_root() / data.DATASETS[n].folder / ".complete").is_file()]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_performance import tiny_model, uint8_store
-from regcls import bench, cli, profiles
+from regcls import bench, cli, env
 from regcls import trace as T
 from regcls.errors import RegclsError
 
@@ -21,51 +21,51 @@ PERMISSIVE = {"identity_bf16": 1.0, "share_change_p99": 1.0, "cka_min": -1.0, "p
 def old_driver(monkeypatch):
     """A machine whose NVIDIA driver supports CUDA 12.4 and a torch built for CUDA 13.0: no GPU for torch."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(profiles, "driver_cuda_version", lambda: (12, 4))
+    monkeypatch.setattr(env, "driver_cuda_version", lambda: (12, 4))
     monkeypatch.setattr(torch.version, "cuda", "13.0")
 
 
 def test_the_driver_message_names_both_cuda_versions(old_driver, monkeypatch):
-    msg = profiles.cuda_problem()
+    msg = env.cuda_problem()
     assert msg.startswith("the NVIDIA driver (CUDA 12.4) is too old for this torch ")
     assert "(CUDA 13.0): update the driver (CUDA 13 needs the 580 series or newer) or install the CUDA 12 build" in msg
     monkeypatch.setattr(torch.version, "cuda", None)
-    assert "is a CPU-only build, but this machine has an NVIDIA driver (CUDA 12.4)" in profiles.cuda_problem()
+    assert "is a CPU-only build, but this machine has an NVIDIA driver (CUDA 12.4)" in env.cuda_problem()
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert profiles.cuda_problem() == ("an NVIDIA driver (CUDA 12.4) is installed but torch sees no GPU "
+    assert env.cuda_problem() == ("an NVIDIA driver (CUDA 12.4) is installed but torch sees no GPU "
                                        "(CUDA_VISIBLE_DEVICES='')")
-    monkeypatch.setattr(profiles, "driver_cuda_version", lambda: None)
-    assert profiles.cuda_problem() is None                    # no driver: nothing to explain
+    monkeypatch.setattr(env, "driver_cuda_version", lambda: None)
+    assert env.cuda_problem() is None                    # no driver: nothing to explain
 
 
 def test_no_silent_cpu_run_on_a_machine_with_an_unusable_gpu(old_driver):
-    from regcls.cache import resolve_device
+    from regcls.env import resolve_device
     with pytest.warns(UserWarning, match=r"too old for this torch .*: tracing on the CPU"):
         assert resolve_device("auto") == "cpu"
     with pytest.raises(RegclsError, match=r"^the NVIDIA driver \(CUDA 12.4\) is too old"):
-        cli.check_device("cuda")
+        env.check_device("cuda")
     assert cli.main(["trace", "--model", "m", "--images", ".", "--device", "cuda", "--out", "x.npz"]) == 2
 
 
 def test_the_driver_query_answers_without_a_driver():
-    assert profiles.driver_cuda_version() is None or len(profiles.driver_cuda_version()) == 2
+    assert env.driver_cuda_version() is None or len(env.driver_cuda_version()) == 2
 
 
 def test_trace_defaults_to_the_gpu_and_bf16_where_the_machine_has_them(monkeypatch):
     args = cli.parser().parse_args(["trace", "--model", "m", "--images", ".", "--out", "o.npz"])
     assert (args.device, args.precision, args.amp) == ("auto", "auto", False)
     if not torch.cuda.is_available():
-        assert cli.resolve_precision("auto", "auto") == ("cpu", False)
-    assert cli.resolve_precision("cpu", "bf16") == ("cpu", True)     # asked for: still checked before use
-    assert cli.resolve_precision("cpu", "fp32") == ("cpu", False)
+        assert env.resolve_precision("auto", "auto") == ("cpu", False)
+    assert env.resolve_precision("cpu", "bf16") == ("cpu", True)     # asked for: still checked before use
+    assert env.resolve_precision("cpu", "fp32") == ("cpu", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # an H100: CUDA and bf16 by default
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert cli.resolve_precision("auto", "auto") == ("cuda", True)
-    assert cli.resolve_precision("cuda:0", "fp32") == ("cuda:0", False)
+    assert env.resolve_precision("auto", "auto") == ("cuda", True)
+    assert env.resolve_precision("cuda:0", "fp32") == ("cuda:0", False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a T4
-    assert cli.resolve_precision("auto", "auto") == ("cuda", False)
+    assert env.resolve_precision("auto", "auto") == ("cuda", False)
 
 
 # --------------------------------------------------------------------------- one precision per request

@@ -514,3 +514,13 @@ def test_probe_with_two_images_per_class_and_more_classes_than_a_30_percent_spli
     X = np.random.default_rng(5).normal(size=(400, 6)) + 3 * np.eye(6)[y % 6]
     r = linear_probe(X, y, device="cpu")
     assert r["n_test"] == r["n_train"] == 200 and r["C"] == 1.0 and 0.0 <= r["accuracy"] <= 1.0
+
+
+def test_intervals_are_named_and_unpack_as_before():
+    from regcls.metrics import Interval, bootstrap_ci, cka_difference_interval, cka_interval
+    X = np.random.default_rng(7).normal(size=(30, 4))
+    for iv in (bootstrap_ci(np.mean, X[:, 0], n_boot=20), cka_interval(X, X[:, :2], n_boot=20),
+               cka_difference_interval(X, X[:, :2], X, X[:, 2:], n_boot=20)):
+        assert isinstance(iv, Interval) and iv.low < iv.high
+        value, low, high = iv
+        assert (value, low, high) == (iv.value, iv.low, iv.high) == tuple(iv)

@@ -197,10 +197,10 @@ def test_a_change_in_the_code_that_makes_a_trace_changes_its_cache_key(tmp_path,
     the old code is read back."""
     import shutil
 
-    from regcls import cache
+    from regcls import cache, files
     lib = tmp_path / "regcls"
-    shutil.copytree(cache.LIB_ROOT, lib)
-    monkeypatch.setattr(cache, "LIB_ROOT", lib)
+    shutil.copytree(files.LIB_ROOT, lib)
+    monkeypatch.setattr(files, "LIB_ROOT", lib)
     before = {names: cache.source_digest(names) for names in (cache.TRACE_SOURCES, cache.STORE_SOURCES)}
     for name in ("trace.py", "planted.py", "models.py", "data.py"):
         with open(lib / name, "a") as f:

@@ -209,7 +209,7 @@ def test_missing_dataset_names_the_command(tmp_path, monkeypatch):
 
 def test_download_verifies_unpacks_once(server, tmp_path):
     from regcls.data import dataset_files
-    from regcls.download import download
+    from regcls.data import download_dataset as download
     folder = download("coco-val2017", progress=False)
     assert len(list(folder.glob("*.png"))) == 3 and (folder / ".complete").is_file()
     download("coco-val2017", progress=False)
@@ -218,7 +218,7 @@ def test_download_verifies_unpacks_once(server, tmp_path):
 
 
 def test_download_resumes_a_partial_file(server, tmp_path):
-    from regcls.download import download
+    from regcls.data import download_dataset as download
     root = tmp_path / "data"
     root.mkdir()
     half = len(RangeHandler.payload) // 2
@@ -229,7 +229,7 @@ def test_download_resumes_a_partial_file(server, tmp_path):
 
 def test_download_with_bad_checksum_is_refused(server, tmp_path, monkeypatch):
     from regcls import data
-    from regcls.download import download
+    from regcls.data import download_dataset as download
     monkeypatch.setitem(data.DATASETS, "coco-val2017",
                         data.DatasetSource(**{**server.__dict__, "checksum": "md5:" + "0" * 32}))
     with pytest.raises(RegclsError, match="failed its checksum"):

@@ -59,7 +59,7 @@ def time_pair(model, x, repeats: int, device: str) -> dict:
         for r in range(repeats + 1):                      # the first round is a warm-up
             for name in ("plain", "trace"):
                 if name == "trace":
-                    tracer.__enter__()
+                    tracer.attach()
                 fn = tracer.run if name == "trace" else model.forward_features
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(dev)
@@ -75,7 +75,7 @@ def time_pair(model, x, repeats: int, device: str) -> dict:
                 peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _status_mb("VmHWM")
                 del out
                 if name == "trace":
-                    tracer.__exit__()
+                    tracer.detach()
                 if r > 0:
                     times[name].append(dt)
                     mem[name] = max(mem[name], peak - base)
@@ -108,7 +108,7 @@ def _probe(arch: str, img: int, batch: int, mode: str) -> float:
     model = create(arch, pretrained=False, img_size=img)
     x = torch.randn(batch, 3, img, img)
     with torch.inference_mode():
-        tracer = Tracer(model).__enter__() if mode == "trace" else None
+        tracer = Tracer(model).attach() if mode == "trace" else None
         base = _status_mb("VmRSS")
         _reset_peak()
         out = tracer.run(x) if tracer else model.forward_features(x)
@@ -298,10 +298,10 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
     ``on_row(rows)`` is called after each model, so that a run cut short keeps what it measured."""
     from .trace import auto_batch_size
 
-    from .profiles import native_bf16
+    from .env import use_bf16
 
     cuda = device.startswith("cuda")
-    amp = amp and (not cuda or native_bf16())   # a T4 has no native bf16: its traces run in float32, timed so
+    amp = amp and (not cuda or use_bf16(device))   # a T4 has no native bf16: its traces run in float32, timed so
     rows = []
     for arch in archs or dinov2_archs():
         torch.manual_seed(0)
@@ -382,9 +382,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results, with the hardware and versions, to this file")
     args = p.parse_args(argv)
     from . import __version__
-    from .cli import check_device
+    from .env import check_device, hardware
     from .errors import RegclsError
-    from .plots import hardware
     try:
         check_device(args.device)
     except RegclsError as e:

@@ -8,23 +8,9 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from .profiles import ModelSpec, Profile, native_bf16
-
-# The library files whose code decides a trace's numbers (the hooks, the weights, the planted controls, the
-# image pipeline) and an image store's pixels: their content is part of each cache key, so a fix in any of them
-# is never hidden by a trace computed by the old code.
-LIB_ROOT = Path(__file__).resolve().parent
-TRACE_SOURCES = ("trace.py", "models.py", "planted.py", "data.py")
-STORE_SOURCES = ("data.py",)
-
-
-def source_digest(names: tuple[str, ...] = TRACE_SOURCES, root: Path | None = None) -> str:
-    """SHA-256 (16 hex digits) of the named library files' content."""
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode() + b"\0" + ((root or LIB_ROOT) / name).read_bytes())
-    return h.hexdigest()[:16]
-
+from .env import cache_dir, resolve_device, use_bf16
+from .files import LIB_ROOT, STORE_SOURCES, TRACE_SOURCES, source_digest  # noqa: F401 (STORE_SOURCES: tests)
+from .profiles import ModelSpec, Profile
 
 def prepare_build(build: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
     """Before ``jupyter-book build``: the execution cache is kept per profile and per library content.
@@ -61,35 +47,9 @@ def prepare_build(build: str | Path, profile: str, lib_root: Path | None = None,
     return dropped
 
 
-def cache_dir() -> Path:
-    """``REGCLS_CACHE`` or ``~/.cache/regcls``."""
-    return Path(os.environ.get("REGCLS_CACHE", Path.home() / ".cache" / "regcls"))
-
-
 def content_key(parts: dict) -> str:
     """A short hash of a JSON-serialisable description."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"``: CUDA when there is a GPU, else the CPU. ``"cuda"`` without a GPU: the CPU, with a warning.
-
-    Where the machine has an NVIDIA driver that torch cannot use (too old for its CUDA), both warn with the reason
-    (:func:`regcls.profiles.cuda_problem`): a GPU machine never traces on the CPU silently."""
-    import warnings
-
-    import torch
-
-    from .profiles import cuda_problem
-
-    if torch.cuda.is_available() or not (device == "auto" or device.startswith("cuda")):
-        return "cuda" if device == "auto" else device
-    problem = cuda_problem()
-    if device == "auto" and problem is None:
-        return "cpu"
-    warnings.warn(f"{problem or 'no CUDA device'}: tracing on the CPU, which is slow for the large models",
-                  stacklevel=3)
-    return "cpu"
 
 
 def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
@@ -104,7 +64,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     from .trace import TRACE_SCHEMA, check_trace, load_trace, trace_files
 
     device = resolve_device(device)
-    amp = amp and device.startswith("cuda") and native_bf16()  # a T4 (Colab) runs float32 without a warning
+    amp = amp and use_bf16(device)  # a T4 (Colab) runs float32 without a warning
     files, ids, labels = dataset_files(dataset, limit, download=True, classes=classes)
     wid = weights_id(spec, checkpoint)
     desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),

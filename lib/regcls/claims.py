@@ -6,8 +6,8 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 
-from .cache import cache_dir
-from .profiles import Profile, image_cap
+from .env import cache_dir, image_cap
+from .profiles import Profile
 
 
 # Sec. 4.1's line between "uses both the skip term and the patches" and "dominated by the skip term": the median
@@ -99,7 +99,7 @@ def code_stamp() -> str:
     every row is stamped with it, and every row of the claims table compares its stamp with it."""
     import subprocess
 
-    from .cache import LIB_ROOT, source_digest
+    from .files import LIB_ROOT, source_digest
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,

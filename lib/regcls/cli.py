@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .env import check_device, data_root, resolve_precision
 from .errors import RegclsError
 
 
@@ -23,39 +24,6 @@ def _parse_set(items: list[str]) -> dict:
         except (ValueError, SyntaxError):
             out[key] = value
     return out
-
-
-def check_device(device: str) -> None:
-    """Refuse a device this machine does not have, before any work (saying why, where the driver is the cause)."""
-    import torch
-
-    from .profiles import cuda_problem
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise RegclsError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        problem = cuda_problem()
-        raise RegclsError(problem or f"no CUDA device {device!r} on this machine "
-                          f"({torch.cuda.device_count()} visible); use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise RegclsError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
-
-
-def resolve_precision(device: str, precision: str) -> tuple[str, bool]:
-    """``(device, bf16)`` for ``--device`` and ``--precision``: ``auto`` is CUDA when torch can use a GPU (else the
-    CPU, with the reason when the machine has a GPU torch cannot use) and bf16 autocast where that GPU has it
-    natively; ``bf16`` asks for it anywhere (it is still checked against float32 before use)."""
-    from .cache import resolve_device
-    from .profiles import native_bf16
-
-    if device != "auto":
-        check_device(device)
-    device = resolve_device(device)
-    if precision == "auto":
-        return device, device.startswith("cuda") and native_bf16()
-    return device, precision == "bf16"
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -114,8 +82,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import DATASETS, SHIPPED, data_root
-    from .download import download
+    from .data import DATASETS, SHIPPED, download_dataset
 
     if args.action == "list":
         for name, text in SHIPPED.items():
@@ -125,7 +92,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"data root: {data_root()}  (REGCLS_DATA)")
         return 0
     for name in args.names:
-        print(f"{name}: {download(name, progress=not args.quiet)}")
+        print(f"{name}: {download_dataset(name, progress=not args.quiet)}")
     return 0
 
 

@@ -6,6 +6,7 @@ interpolation) as uint8 ``(n, 3, S, S)``; a model only normalises it with its ow
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .download import download
+from .env import data_root, hub_reachable
+from .files import DAMAGED, STORE_SOURCES, atomic_savez, output_lock, set_aside, source_digest
 from .errors import RegclsError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -56,11 +60,6 @@ SHIPPED = {
 }
 
 
-def data_root() -> Path:
-    """Where datasets live: ``REGCLS_DATA`` or ``~/.cache/regcls/data``."""
-    return Path(os.environ.get("REGCLS_DATA", Path.home() / ".cache" / "regcls" / "data"))
-
-
 # --------------------------------------------------------------------------------- listing
 
 def list_images(folder: str | Path, labelled: bool = False) -> list[Path]:
@@ -87,15 +86,19 @@ def dataset_folder(name: str, download: bool = False) -> Path:
     if name not in DATASETS:
         raise RegclsError(f"unknown dataset {name!r}; known: {', '.join([*SHIPPED, *DATASETS])}")
     folder = data_root() / DATASETS[name].folder
-    if not folder.is_dir() and download:
-        from .download import download as fetch_dataset
-        from .profiles import hub_reachable
-        if hub_reachable():
-            return fetch_dataset(name)
+    if not folder.is_dir() and download and hub_reachable():
+        return download_dataset(name)
     if not folder.is_dir():
         raise RegclsError(f"dataset {name} is not downloaded (looked in {folder}); run: "
                           f"regcls data download {name}   (or set REGCLS_DATA to where it is)")
     return folder
+
+
+def download_dataset(name: str, progress: bool = True, keep_archive: bool = False) -> Path:
+    """Download, verify and unpack a dataset of the registry once (``regcls data download NAME``); its folder."""
+    if name not in DATASETS:
+        raise RegclsError(f"unknown dataset {name!r}; downloadable: {', '.join(DATASETS)}")
+    return download(DATASETS[name], data_root(), progress=progress, keep_archive=keep_archive)
 
 
 def is_labelled(name: str) -> bool:
@@ -240,6 +243,7 @@ class Geometry:
     def key(self) -> str:
         return f"{self.img_size}-{self.crop_pct}-{self.interpolation}-{self.crop_mode}"
 
+    @functools.lru_cache(maxsize=8)   # built once per geometry, not once per image
     def transform(self):
         from timm.data import create_transform
 
@@ -377,10 +381,8 @@ def image_store(files: list[Path], ids: list[str], geometry: Geometry, cache: Pa
     """The store for these files at this geometry, read from ``cache`` when it was built before."""
     if cache is None:
         return decode_images(files, ids, geometry, progress=progress)
-    from .cache import STORE_SOURCES, source_digest
     digest = hashlib.sha256(("\n".join(ids) + geometry.key() + source_digest(STORE_SOURCES)).encode()).hexdigest()[:16]
     path = Path(cache) / f"store-{geometry.key()}-{digest}.npz"
-    from .files import DAMAGED, atomic_savez, output_lock, set_aside
     with output_lock(path, wait=True):   # one process decodes; another waits and reads it
         if path.is_file():
             try:

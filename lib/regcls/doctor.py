@@ -42,7 +42,7 @@ def gpu() -> list[Check]:
     """The driver, whether torch can use the GPU, and what the GPU offers."""
     import torch
 
-    from .profiles import cuda_problem, driver_cuda_version, native_bf16
+    from .env import cuda_problem, driver_cuda_version, native_bf16
 
     driver = driver_cuda_version()
     out = [Check("driver", "info", "no NVIDIA driver on this machine" if driver is None
@@ -69,8 +69,7 @@ def gpu() -> list[Check]:
 
 
 def folders() -> list[Check]:
-    from .cache import cache_dir
-    from .data import data_root
+    from .env import cache_dir, data_root
 
     out = []
     # the paper profile: COCO val2017 and ImageNetV2 (about 2.5 GB); 35 traces and the decoded images (an estimate
@@ -90,7 +89,7 @@ def folders() -> list[Check]:
 
 
 def hub() -> Check:
-    from .profiles import hub_reachable
+    from .env import hub_reachable
 
     if hub_reachable():
         return Check("hub", "ok", "huggingface.co reachable: the real weights can be downloaded")
@@ -107,7 +106,7 @@ def gpu_trace(seconds: float = 30.0, device: str = "cuda") -> Check:
 
     from .metrics import cka
     from .models import create
-    from .profiles import native_bf16
+    from .env import use_bf16
     from .trace import Tracer, decide_precision
 
     torch.manual_seed(0)
@@ -118,7 +117,7 @@ def gpu_trace(seconds: float = 30.0, device: str = "cuda") -> Check:
     cuda = device.startswith("cuda")
     model = model.to(device)
     xg = x.to(device)
-    amp, check = decide_precision(model, xg, device=device, amp=cuda and native_bf16(), name="ViT-S/14+reg")
+    amp, check = decide_precision(model, xg, device=device, amp=use_bf16(device), name="ViT-S/14+reg")
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
     with Tracer(model) as t:
         with autocast:

@@ -8,7 +8,6 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from .data import DATASETS, DatasetSource, data_root
 from .errors import RegclsError
 
 
@@ -33,7 +32,7 @@ def fetch(url: str, dest: Path, size: int | None = None, progress: bool = True, 
         resp = urllib.request.urlopen(req, timeout=timeout)
     except Exception as e:  # noqa: BLE001
         raise RegclsError(f"cannot download {url}: {e}; check the network, or put the unpacked dataset "
-                          f"under {data_root()} yourself") from None
+                          f"under {dest.parent} yourself") from None
     with resp:
         if have and resp.status != 206:  # server ignored the range: start over
             have = 0
@@ -61,12 +60,12 @@ def unpack(archive: Path, into: Path) -> None:
             t.extractall(into, filter="data")
 
 
-def download(name: str, progress: bool = True, keep_archive: bool = False) -> Path:
-    """Download, verify and unpack a dataset once; returns its folder."""
-    if name not in DATASETS:
-        raise RegclsError(f"unknown dataset {name!r}; downloadable: {', '.join(DATASETS)}")
-    src: DatasetSource = DATASETS[name]
-    root = data_root()
+def download(src, root: Path, progress: bool = True, keep_archive: bool = False) -> Path:
+    """Download, verify and unpack one archive into ``root`` once; returns its folder.
+
+    ``src`` describes it (a :class:`regcls.data.DatasetSource`: ``url``, ``filename``, ``size``, ``checksum``,
+    ``folder`` it unpacks to); the registry of datasets is :mod:`regcls.data`'s."""
+    name = src.name
     folder = root / src.folder
     if (folder / ".complete").is_file():
         return folder

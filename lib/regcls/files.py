@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -17,6 +18,22 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RegclsError
+
+# The library files whose code decides a trace's numbers (the hooks, the weights, the planted controls, the
+# image pipeline) and an image store's pixels: their content is part of each cache key, so a fix in any of them
+# is never hidden by a trace computed by the old code.
+LIB_ROOT = Path(__file__).resolve().parent
+TRACE_SOURCES = ("trace.py", "models.py", "planted.py", "data.py")
+STORE_SOURCES = ("data.py",)
+
+
+def source_digest(names: tuple[str, ...] = TRACE_SOURCES, root: Path | None = None) -> str:
+    """SHA-256 (16 hex digits) of the named library files' content."""
+    h = hashlib.sha256()
+    for name in names:
+        h.update(name.encode() + b"\0" + ((root or LIB_ROOT) / name).read_bytes())
+    return h.hexdigest()[:16]
+
 
 # The errors of a file system, not of the data: they get a one-line message that says what was kept.
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",

@@ -5,7 +5,7 @@ All functions take arrays from a trace (numpy, float32 or float64) and return nu
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -137,8 +137,16 @@ def norms(X: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(X, dtype=np.float64), axis=-1)
 
 
+class Interval(NamedTuple):
+    """A statistic and its bootstrap interval; unpacks as ``value, low, high``."""
+
+    value: float
+    low: float
+    high: float
+
+
 def bootstrap_ci(stat: Callable[..., float], *arrays: np.ndarray, n_boot: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float]:
+                 seed: int = 0) -> Interval:
     """Statistic and percentile bootstrap interval over images (rows resampled jointly in every array).
 
     Returns ``(value, low, high)``. Example: ``bootstrap_ci(np.mean, shares)``. ``n_boot=0`` skips the
@@ -148,12 +156,12 @@ def bootstrap_ci(stat: Callable[..., float], *arrays: np.ndarray, n_boot: int = 
     rng = np.random.default_rng(seed)
     value = float(stat(*arrays))
     if n_boot == 0:
-        return value, float("nan"), float("nan")
+        return Interval(value, float("nan"), float("nan"))
     boots = np.empty(n_boot)
     for b in range(n_boot):
         idx = rng.integers(0, n, n)
         boots[b] = stat(*(a[idx] for a in arrays))
-    return (value, *_percentiles(boots, level))
+    return Interval(value, *_percentiles(boots, level))
 
 
 def _percentiles(boots: np.ndarray, level: float) -> tuple[float, float]:
@@ -162,7 +170,7 @@ def _percentiles(boots: np.ndarray, level: float) -> tuple[float, float]:
 
 
 def cka_interval(X: np.ndarray, Y: np.ndarray, debiased: bool = False, n_boot: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> tuple[float, float, float]:
+                 seed: int = 0) -> Interval:
     """CKA of X (n, d1) and Y (n, d2) with a percentile bootstrap interval over images: the values of
     ``bootstrap_ci(cka, X, Y)``. Linear CKA's resamples (up to :data:`GRAM_MAX_IMAGES` images) are evaluated
     from the two Gram matrices (:func:`cka_resampled`), O(n^2) per resample instead of O(n d^2)."""
@@ -171,8 +179,8 @@ def cka_interval(X: np.ndarray, Y: np.ndarray, debiased: bool = False, n_boot: i
         return bootstrap_ci(lambda a, b: cka(a, b, debiased=debiased), X, Y, n_boot=n_boot, level=level, seed=seed)
     value = cka(X, Y)
     if n_boot == 0:
-        return value, float("nan"), float("nan")
-    return (value, *_percentiles(cka_resampled(X, Y, _resample_counts(n, n_boot, seed)), level))
+        return Interval(value, float("nan"), float("nan"))
+    return Interval(value, *_percentiles(cka_resampled(X, Y, _resample_counts(n, n_boot, seed)), level))
 
 
 def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -182,7 +190,7 @@ def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: np.ndarray, n_boot: int = 1000,
-                            level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+                            level: float = 0.95, seed: int = 0) -> Interval:
     """``cka(X1, Y1) - cka(X2, Y2)`` with a *paired* percentile bootstrap interval: each resample draws the same
     images for both pairs (the rows of all four arrays are the same images, e.g. two model sizes).
 
@@ -194,9 +202,9 @@ def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: 
         raise ValueError("a paired contrast needs the same images in every array")
     value = cka(X1, Y1) - cka(X2, Y2)
     if n_boot == 0:
-        return value, float("nan"), float("nan")
+        return Interval(value, float("nan"), float("nan"))
     counts = _resample_counts(n, n_boot, seed)
-    return (value, *_percentiles(cka_resampled(X1, Y1, counts) - cka_resampled(X2, Y2, counts), level))
+    return Interval(value, *_percentiles(cka_resampled(X1, Y1, counts) - cka_resampled(X2, Y2, counts), level))
 
 
 def same_images(traces) -> list[str]:

@@ -12,10 +12,8 @@ import torch
 from torch import nn
 
 from .errors import RegclsError
-from .profiles import ModelSpec, hub_reachable
-
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
+from .env import checkpoints_dir, hub_reachable
+from .profiles import ModelSpec
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -224,7 +222,7 @@ def checkpoint_path(name: str) -> Path:
     ``~/.cache/regcls/checkpoints``)."""
     path = Path(name)
     if not path.is_absolute():
-        path = Path(os.environ.get("REGCLS_CHECKPOINTS", Path.home() / ".cache" / "regcls" / "checkpoints")) / name
+        path = checkpoints_dir() / name
     if not path.is_file():
         raise RegclsError(f"checkpoint {path} is missing: download the official file and put it there "
                           "(or set REGCLS_CHECKPOINTS to its folder)")

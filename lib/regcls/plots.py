@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import html
-import platform
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .env import hardware, image_cap
 from .profiles import SIZES, Profile
 
 PALETTE = {"S": "#9ecae1", "B": "#4292c6", "L": "#08519c", "g": "#08306b"}
@@ -44,8 +44,6 @@ def banner(profile: Profile):
 
     from IPython.display import HTML
 
-    from .profiles import image_cap
-
     if os.environ.get("REGCLS_REHEARSAL"):
         body = (f"This page is a <b>rehearsal</b> of the <b>{html.escape(profile.name)}</b> profile: every model "
                 "has full-size <b>random weights</b> in place of the hub's, and the images are generated, not COCO "
@@ -67,15 +65,6 @@ def banner(profile: Profile):
             + (f" <b>Capped at {cap} images per dataset</b> (<code>REGCLS_LIMIT</code>): a first look, "
                "not the full run." if cap else ""))
     return HTML(_box("note", f"Profile: {profile.name}", body))
-
-
-def hardware() -> str:
-    """One line naming the machine a chapter ran on."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def strip_by_size(ax, values: dict[str, np.ndarray], ylabel: str, registers: bool | None = None) -> None:
@@ -108,8 +97,6 @@ def run_box(profile: Profile, notebook: str):
     from IPython.display import HTML
 
     from . import REPOSITORY
-    from .profiles import image_cap
-
     colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
     cap = image_cap()
     body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '

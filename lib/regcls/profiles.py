@@ -12,9 +12,9 @@ largest the machine can run and says so.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass, replace
 
+from .env import hub_reachable, image_cap, native_bf16
 from .errors import RegclsError
 
 SIZES = ("S", "B", "L", "g")  # the paper's order
@@ -108,16 +108,6 @@ class Profile:
             if m.size == size:
                 return m
         raise RegclsError(f"profile {self.name!r} has no model of size {size!r} with registers={registers}")
-
-
-def image_cap() -> int | None:
-    """``REGCLS_LIMIT``: at most this many images of every dataset, on any profile (None when unset)."""
-    raw = os.environ.get("REGCLS_LIMIT", "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 4:
-        raise RegclsError(f"REGCLS_LIMIT={raw!r}: give a whole number of images, at least 4")
-    return int(raw)
 
 
 def dinov2(size: str, registers: bool) -> ModelSpec:
@@ -228,64 +218,6 @@ def _violated(m: ModelSpec) -> ModelSpec:
 PROFILES["smoke-violated"] = replace(
     PROFILES["smoke"], name="smoke-violated", models=tuple(_violated(m) for m in PROFILES["smoke"].models),
     note="the smoke models with B planted like g (for tests)")
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """True when the Hugging Face hub answers and offline mode is off (a quick TCP check)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def native_bf16() -> bool:
-    """True on a CUDA GPU with native bfloat16 (A100, H100 or newer), false on a T4 or without a GPU."""
-    import torch
-
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-
-
-def driver_cuda_version() -> tuple[int, int] | None:
-    """The CUDA version the installed NVIDIA driver supports, ``(major, minor)``, asked of the driver library
-    itself (``cuDriverGetVersion``), so that it answers where torch cannot use the GPU; None without a driver."""
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    version = ctypes.c_int(0)
-    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
-        return None
-    return version.value // 1000, (version.value % 1000) // 10
-
-
-def cuda_problem() -> str | None:
-    """One line saying why torch cannot use this machine's NVIDIA GPU, or None (a usable GPU, or no NVIDIA
-    driver at all). The common case: torch 2.14 is built for CUDA 13, which needs a driver of the 580 series or
-    newer; on an older driver ``torch.cuda.is_available()`` is only False."""
-    import torch
-
-    if torch.cuda.is_available():
-        return None
-    driver = driver_cuda_version()
-    if driver is None:
-        return None
-    have = f"{driver[0]}.{driver[1]}"
-    built = torch.version.cuda
-    if built is None:
-        return (f"torch {torch.__version__} is a CPU-only build, but this machine has an NVIDIA driver (CUDA {have}): "
-                "install a CUDA build of torch (see the reproducing page)")
-    if tuple(int(x) for x in built.split(".")[:2]) > driver:
-        return (f"the NVIDIA driver (CUDA {have}) is too old for this torch {torch.__version__} (CUDA {built}): update "
-                f"the driver (CUDA {built.split('.')[0]} needs the 580 series or newer) or install the CUDA "
-                f"{driver[0]} build of the same torch version (see the reproducing page)")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return (f"an NVIDIA driver (CUDA {have}) is installed but torch sees no GPU"
-            + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""))
 
 
 def detect_profile() -> str:

@@ -47,7 +47,7 @@ from . import __version__
 from .errors import RegclsError
 from .files import atomic_savez, atomic_write_text, disk_error, output_lock
 from .models import layout
-from .profiles import native_bf16
+from .env import native_bf16
 
 TRACE_SCHEMA = 3
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
@@ -96,6 +96,13 @@ class Tracer:
         self.handles: list = []
 
     def __enter__(self) -> "Tracer":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> "Tracer":
+        """Register the hooks (what ``with Tracer(model)`` does on entry)."""
         blocks, P = self.model.blocks, self.lay.num_prefix
         last = len(blocks) - 1
         mass: list = [None] * len(blocks)
@@ -143,7 +150,8 @@ class Tracer:
         self.handles.append(blocks[last].norm1.register_forward_hook(on_last_norm1))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def detach(self) -> None:
+        """Remove the hooks: the model runs as before."""
         for h in self.handles:
             h.remove()
         self.handles.clear()

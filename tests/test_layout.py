@@ -1,0 +1,44 @@
+"""The library's imports go one way: each module imports only modules below it in LAYERS (function-level imports
+included), so the import graph is a DAG and a reader can take the modules in this order."""
+import ast
+from pathlib import Path
+
+LIB = Path(__file__).resolve().parents[1] / "lib" / "regcls"
+# bottom to top: a module may import the ones before it
+LAYERS = ["errors", "env", "files", "download", "profiles", "planted", "data", "models", "metrics", "probe", "trace",
+          "cache", "claims", "plots", "doctor", "bench", "cli", "__main__"]
+PACKAGE = {"__version__", "REPOSITORY"}   # the package's own attributes (regcls/__init__.py imports only errors)
+
+
+def imports(path: Path) -> set[str]:
+    """The regcls modules a file imports, at any depth (top level and inside functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                out.add(node.module.split(".")[0])
+            else:
+                out |= {a.name for a in node.names if a.name not in PACKAGE}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            out |= {n.split(".")[1] for n in names if n and n.startswith("regcls.")}
+    return out
+
+
+def test_every_module_has_a_layer():
+    assert sorted(p.stem for p in LIB.glob("*.py") if p.stem != "__init__") == sorted(LAYERS)
+
+
+def test_imports_only_go_down():
+    upward = []
+    for name in LAYERS:
+        for dep in imports(LIB / f"{name}.py"):
+            if LAYERS.index(dep) >= LAYERS.index(name):
+                upward.append(f"{name} imports {dep}")
+    assert not upward, "imports that go up (or sideways) in LAYERS: " + "; ".join(sorted(upward))
+
+
+def test_the_check_sees_function_level_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from .cli import main\n    import regcls.bench\n")
+    assert imports(f) == {"cli", "bench"}
