@@ -36,3 +36,15 @@ def tiny(family: str, seed: int = 0, dtype=torch.float64):
 def images(model, n=3, seed=0, dtype=torch.float64):
     s = model.patch_embed.img_size
     return torch.randn(n, 3, *s, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def random_png_folder(folder, n: int, seed: int, name: str = "im{:03d}.png"):
+    """``n`` random 64 x 64 RGB PNG files in ``folder`` (made if missing); returns the folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / name.format(i))
+    return folder

@@ -2,7 +2,6 @@
 in a one-line message or a warning, never a traceback, and a rerun gives the file a clean run gives."""
 import errno
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,8 +9,8 @@ import warnings
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from helpers import random_png_folder
 from regcls import cli, files
 from regcls.profiles import PROFILES
 
@@ -22,11 +21,7 @@ SMOKE = PROFILES["smoke"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(2)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"im{i:02d}.png")
-    return d
+    return random_png_folder(tmp_path_factory.mktemp("imgs"), 12, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -138,23 +133,31 @@ with output_lock({str(path)!r}):
 
 # --------------------------------------------------------------------------------- damaged cache entries
 
+@pytest.fixture
+def entry(tmp_path, monkeypatch):
+    """A small cache entry of the smoke S model, computed in ``tmp_path``: ``(get, reference trace)``."""
+    from regcls import cache
+    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
+
+    def get():
+        return cache.get_trace(SMOKE.model("S", True), "samples", img_size=28, limit=4, progress=False)
+    return get, get()
+
+
 def _damage(path, how):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if how == "truncated" else np.random.default_rng(0).bytes(len(data)))
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
-def test_a_damaged_trace_is_set_aside_warned_once_and_recomputed(tmp_path, monkeypatch, how):
-    from regcls import cache
-    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
-    spec = SMOKE.model("S", True)
-    ref = cache.get_trace(spec, "samples", img_size=28, limit=4, progress=False)
+def test_a_damaged_trace_is_set_aside_warned_once_and_recomputed(tmp_path, entry, how):
+    get, ref = entry
     (path,) = (tmp_path / "traces").glob("*.npz")
     _damage(path, how)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        got = cache.get_trace(spec, "samples", img_size=28, limit=4, progress=False)
-        again = cache.get_trace(spec, "samples", img_size=28, limit=4, progress=False)
+        got = get()
+        again = get()
     damaged = [str(w.message) for w in seen if "is damaged" in str(w.message)]
     assert len(damaged) == 1, damaged
     assert damaged[0].startswith(f"cache entry {path} is damaged (")
@@ -165,12 +168,9 @@ def test_a_damaged_trace_is_set_aside_warned_once_and_recomputed(tmp_path, monke
         np.testing.assert_array_equal(again[k], ref[k])
 
 
-def test_a_trace_of_another_key_or_shape_is_not_read(tmp_path, monkeypatch):
-    from regcls import cache
+def test_a_trace_of_another_key_or_shape_is_not_read(tmp_path, entry):
     from regcls.trace import load_trace, save_trace
-    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
-    spec = SMOKE.model("S", True)
-    ref = cache.get_trace(spec, "samples", img_size=28, limit=4, progress=False)
+    get, ref = entry
     (path,) = (tmp_path / "traces").glob("*.npz")
     from regcls.trace import PER_IMAGE
     tr = load_trace(path)
@@ -179,22 +179,19 @@ def test_a_trace_of_another_key_or_shape_is_not_read(tmp_path, monkeypatch):
     arrays["skip"] = arrays["skip"][:3]                  # one image short in one array
     save_trace(path, arrays, meta)
     with pytest.warns(UserWarning, match=r"is damaged \(skip disagree with its 4 image ids\)"):
-        got = cache.get_trace(spec, "samples", img_size=28, limit=4, progress=False)
+        got = get()
     np.testing.assert_array_equal(got["skip"], ref["skip"])
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
-def test_a_damaged_image_store_is_set_aside_and_decoded_again(tmp_path, monkeypatch, how):
-    from regcls import cache
-    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
-    spec = SMOKE.model("S", True)
-    ref = cache.get_trace(spec, "samples", img_size=28, limit=4, progress=False)
+def test_a_damaged_image_store_is_set_aside_and_decoded_again(tmp_path, entry, how):
+    get, ref = entry
     (store,) = (tmp_path / "stores").rglob("store-*.npz")
     for t in (tmp_path / "traces").glob("*.npz"):
         t.unlink()                                        # the trace is computed again, from the store
     _damage(store, how)
     with pytest.warns(UserWarning, match=rf"cache entry {store} is damaged \(.*\): moved to {store.name}\.bad"):
-        got = cache.get_trace(spec, "samples", img_size=28, limit=4, progress=False)
+        got = get()
     np.testing.assert_array_equal(got["cls_final"], ref["cls_final"])
 
 
@@ -267,3 +264,18 @@ def test_a_read_only_folder_is_one_line_too(folder, tmp_path, monkeypatch, capsy
     assert err.startswith(f"error: the file system is read-only writing {out}.parts: none of 12 images was kept; "
                           "make the folder writable, or write elsewhere"), err
     assert err.count("\n") == 1 and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.notebook
+def test_a_notebook_shows_a_regcls_error_in_one_line_and_the_cell_fails():
+    """What a chapter shows for these faults: the command line's one line, not a traceback; the build still stops."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from regcls.plots import one_line_errors\none_line_errors()"),
+                nbformat.v4.new_code_cell("from regcls.errors import RegclsError\nraise RegclsError('disk full')")]
+    with pytest.raises(CellExecutionError):
+        NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    (out,) = nb.cells[1].outputs
+    assert out["output_type"] == "error" and out["traceback"] == ["error: disk full"]

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import random_png_folder
+
 from regcls.data import Geometry, decode_images, list_images, load_rgb
 from regcls.errors import RegclsError
 
@@ -93,11 +95,7 @@ def test_empty_and_unreadable_folders_are_one_line_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(1)
-    for i in range(48):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"im{i:03d}.png")
-    return d
+    return random_png_folder(tmp_path_factory.mktemp("many"), 48, seed=1)
 
 
 @pytest.fixture(scope="module")

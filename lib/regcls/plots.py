@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .env import hardware, image_cap
+from .errors import RegclsError
 from .profiles import SIZES, Profile
 
 PALETTE = {"S": "#9ecae1", "B": "#4292c6", "L": "#08519c", "g": "#08306b"}
@@ -108,6 +109,25 @@ def run_box(profile: Profile, notebook: str):
     return HTML(_box("tip", "Run this chapter", body))
 
 
+def one_line_errors() -> None:
+    """In a notebook, a :class:`RegclsError` (a missing dataset, a full disk, a busy output) shows as the one line
+    ``error: ...`` the command line prints, not as a traceback; the cell still fails."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover (IPython is installed with the book)
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def show(shell, etype, value, tb, tb_offset=None):
+        lines = [f"error: {value}"]
+        shell._showtraceback(etype, value, lines)
+        return lines
+
+    shell.set_custom_exc((RegclsError,), show)
+
+
 def start_chapter(notebook: str) -> tuple[Profile, float]:
     """A chapter's first cell: the profile, the book's style, the "Run this chapter" box and the banner.
 
@@ -120,6 +140,7 @@ def start_chapter(notebook: str) -> tuple[Profile, float]:
     from .profiles import active_profile
 
     start = time.time()
+    one_line_errors()
     profile = active_profile(verbose=False)
     setup()
     display(run_box(profile, notebook))

@@ -211,7 +211,8 @@ def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
     hook = model.blocks[-1].ls1.register_forward_hook(lambda m, i, o: own.__setitem__("branch", o[:, 0].float()))
     try:
         with Tracer(model) as tracer, torch.inference_mode():
-            ref = tracer.run(x)
+            with strict_float32(str(x.device)):   # the reference in full float32 (no TF32 convolutions)
+                ref = tracer.run(x)
             ref_branch = own["branch"]
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 low = tracer.run(x)
@@ -354,19 +355,15 @@ def trace_meta(net: nn.Module, **meta) -> dict:
 
 # ------------------------------------------------------------------------------ many images
 
-def _to_numpy(rec: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return _unpack(_pack(rec))
-
-
 def _pack(rec: dict[str, torch.Tensor]) -> tuple:
     """A batch's arrays in one buffer, on its way to the host: one device-to-host copy per batch instead of one
     per array. On CUDA the copy goes to pinned memory without blocking, and an event marks its end (the writer
     thread waits on it); float64 (the exactness tests) travels as float64, everything else as float32."""
-    wide = any(rec[k].dtype == torch.float64 for k in PER_IMAGE)
-    dtype = torch.float64 if wide else torch.float32
+    wide = any(rec[k].dtype == torch.float64 for k in PER_IMAGE)  # pragma: no mutate (memory only: exact either way)
+    dtype = torch.float64 if wide else torch.float32  # pragma: no mutate (memory only: exact either way)
     layout_ = [(k, tuple(rec[k].shape), rec[k].dtype == torch.float64) for k in PER_IMAGE]
-    flat = torch.cat([rec[k].detach().reshape(-1).to(dtype) for k in PER_IMAGE])
-    if flat.device.type != "cuda":
+    flat = torch.cat([rec[k].detach().reshape(-1).to(dtype) for k in PER_IMAGE])  # pragma: no mutate (cat promotes)
+    if flat.device.type != "cuda":  # pragma: no mutate (GPU only)
         return flat, layout_, None
     host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)  # pragma: no mutate (GPU only)
     host.copy_(flat, non_blocking=True)  # pragma: no mutate (GPU only)
@@ -383,7 +380,8 @@ def _unpack(packed: tuple) -> dict[str, np.ndarray]:
     buf, out, at = host.numpy(), {}, 0
     for k, shape, wide in layout_:
         size = int(np.prod(shape))
-        out[k] = buf[at:at + size].reshape(shape).astype(np.float64 if wide else np.float32, copy=True)
+        part = buf[at:at + size].reshape(shape)
+        out[k] = part.astype(np.float64 if wide else np.float32, copy=True)  # pragma: no mutate (a view holds the same values)
         at += size
     return out
 
