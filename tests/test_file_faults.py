@@ -273,7 +273,7 @@ def test_a_notebook_shows_a_regcls_error_in_one_line_and_the_cell_fails():
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("from regcls.plots import one_line_errors\none_line_errors()"),
+    nb.cells = [nbformat.v4.new_code_cell("from regcls.page import one_line_errors\none_line_errors()"),
                 nbformat.v4.new_code_cell("from regcls.errors import RegclsError\nraise RegclsError('disk full')")]
     with pytest.raises(CellExecutionError):
         NotebookClient(nb, timeout=120, kernel_name="python3").execute()

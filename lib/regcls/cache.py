@@ -88,7 +88,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
 
 
 # The precision of every trace this process has read (model and setting -> "bfloat16" or "float32"), for the
-# line at the end of each chapter (regcls.plots.finish).
+# line at the end of each chapter (regcls.page.finish).
 PRECISIONS: dict[str, str] = {}
 
 

@@ -1,0 +1,145 @@
+"""The page around a chapter's figures: the "Run this chapter" box, the banner that says where the numbers come
+from, glued numbers, the claims table and the run time, all through one object::
+
+    ch = Chapter("sec3_1_register_attention")   # profile, style, run box, banner, timer
+    traces = ch.traces(registers=True)           # also dataset=, img_size=, crop_pct=
+    ch.glue(reg_small=..., reg_large=...)
+    ch.claims([...])
+    ch.finish()
+"""
+from __future__ import annotations
+
+import html
+import time
+
+from . import plots
+from .cache import PRECISIONS, profile_traces
+from .claims import ClaimCheck, record, table
+from .env import hardware, image_cap
+from .errors import RegclsError
+from .profiles import Profile, active_profile
+
+
+class Chapter:
+    """One chapter's page furniture. ``name`` is the notebook's file name without ``.ipynb``."""
+
+    def __init__(self, name: str):
+        from IPython.display import display
+
+        self.name, self.start = name, time.time()
+        one_line_errors()
+        self.profile: Profile = active_profile(verbose=False)
+        plots.setup()
+        display(run_box(self.profile, f"chapters/{name}.ipynb"))
+        display(banner(self.profile))
+
+    def traces(self, registers: bool = True, dataset: str | None = None, img_size: int | None = None,
+               crop_pct: float | None = None) -> dict[str, dict]:
+        """The profile's traces of the DINOv2 models with (or without) registers, keyed by size."""
+        return profile_traces(self.profile, registers, dataset, img_size, crop_pct=crop_pct)
+
+    def glue(self, **values) -> None:
+        """Numbers (and words) the prose cites with ``{glue:text}`NAME```."""
+        for key, value in values.items():
+            glue(key, value)
+
+    def claims(self, checks: list[ClaimCheck], part: str = ""):
+        """Record this chapter's claim rows for the claims page and show them as a table."""
+        stem = self.name.split("_")
+        record("_".join(stem[:2] if stem[0].startswith("sec") else stem[:1]) + (f"_{part}" if part else ""), checks)
+        return table(checks)
+
+    def finish(self) -> None:
+        """The last cell: the run time (shown at the top of the page) and the precision of every trace read."""
+        print(finish(self.start))
+
+
+def _box(kind: str, title: str, body: str) -> str:
+    return (f'<div class="admonition {kind} regcls-{kind}"><p class="admonition-title">{html.escape(title)}</p>'
+            f"<p>{body}</p></div>")
+
+
+def banner(profile: Profile):
+    """The visible notice of where this page's numbers come from (an IPython HTML object)."""
+    import os
+
+    from IPython.display import HTML
+
+    if os.environ.get("REGCLS_REHEARSAL"):
+        body = (f"This page is a <b>rehearsal</b> of the <b>{html.escape(profile.name)}</b> profile: every model "
+                "has full-size <b>random weights</b> in place of the hub's, and the images are generated, not COCO "
+                "or ImageNet. It checks that the real run executes end to end; its numbers mean nothing. "
+                "<b>Never publish this page.</b>")
+        return HTML(f'<div class="regcls-rehearsal-banner">{_box("danger", "Rehearsal: random weights, never to be published", body)}</div>')
+    if profile.name.startswith("smoke"):
+        body = ("The figures on this page come from the <b>smoke profile</b>: tiny ViTs with planted weights "
+                "in the pattern the paper reports (S and B integrate patches; with registers L and g read the "
+                "registers, without registers g reads its own skip connection) on images that ship with Python "
+                "packages. The pattern is planted to check the analysis and is <b>no evidence for or against "
+                "the paper</b>; the paper profile gives the evidence. To get real figures, run the book with "
+                "<code>make book PROFILE=paper</code> on a GPU, or this notebook on Colab with "
+                "<code>REGCLS_PROFILE=laptop</code> or <code>paper</code>.")
+        return HTML(f'<div class="regcls-smoke-banner">{_box("warning", "Smoke profile: planted controls, not real weights", body)}</div>')
+    cap = image_cap()
+    body = (f"Computed with the <b>{profile.name}</b> profile: {html.escape(profile.note)}; "
+            f"{profile.img_size} px images."
+            + (f" <b>Capped at {cap} images per dataset</b> (<code>REGCLS_LIMIT</code>): a first look, "
+               "not the full run." if cap else ""))
+    return HTML(_box("note", f"Profile: {profile.name}", body))
+
+
+def run_box(profile: Profile, notebook: str):
+    """The "Run this chapter" box: Colab link, profile, hardware."""
+    from IPython.display import HTML
+
+    from . import REPOSITORY
+    colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
+    cap = image_cap()
+    body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '
+            f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
+            f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell. Precision: "
+            f"float32 on the CPU; on a GPU with native bfloat16, bfloat16 autocast for each model whose agreement "
+            f"check with float32 passes (the last line of the page names the precision of every trace it read)."
+            + (f" Images capped at <b>{cap}</b> per dataset (<code>REGCLS_LIMIT</code>)." if cap else ""))
+    return HTML(_box("tip", "Run this chapter", body))
+
+
+def one_line_errors() -> None:
+    """In a notebook, a :class:`RegclsError` (a missing dataset, a full disk, a busy output) shows as the one line
+    ``error: ...`` the command line prints, not as a traceback; the cell still fails."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover (IPython is installed with the book)
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def show(shell, etype, value, tb, tb_offset=None):
+        lines = [f"error: {value}"]
+        shell._showtraceback(etype, value, lines)
+        return lines
+
+    shell.set_custom_exc((RegclsError,), show)
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """myst-nb's glue where the book is built; nothing elsewhere (Colab needs no Sphinx)."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return
+    _glue(name, value, display=display)
+
+
+def finish(start: float) -> str:
+    """A chapter's last cell: glue the run time (shown at the top of the page) and say it."""
+    seconds = time.time() - start
+    glue("run_seconds", seconds)
+    line = f"This chapter took {seconds:.0f} s on {hardware()}."
+    if len(set(PRECISIONS.values())) == 1:
+        line += f" Every trace it read ({len(PRECISIONS)}) ran in {next(iter(PRECISIONS.values()))}."
+    elif PRECISIONS:
+        line += " Precision of the traces it read: " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items()) + "."
+    return line
+
