@@ -148,7 +148,7 @@ def knockout_checks(section: str, ko: dict[str, dict], profile: Profile, *, cka:
 
     cka = cka or {s: {p: metrics.cka_interval(k["full"], k[p], n_boot=n_boot) for p in ("patch", "reg")}
                   for s, k in ko.items()}
-    cp = {s: c["patch"][0] for s, c in cka.items()}
+    cp = {s: c["patch"].value for s, c in cka.items()}
 
     @ft.cache   # each contrast is shown in the row and judged by its rule: computed once
     def paired(s1, p1, s2, p2):
@@ -157,7 +157,7 @@ def knockout_checks(section: str, ko: dict[str, dict], profile: Profile, *, cka:
     return [
         check(section, prefix + "Small models: the patch-only output matches the unaltered one (CKA close to 1)",
               "S and B patch-only CKA close to 1 (Fig. 3a)",
-              ", ".join(f"{s}: {c['patch'][0]:.3f} [{c['patch'][1]:.3f}, {c['patch'][2]:.3f}]" for s, c in cka.items()),
+              ", ".join(f"{s}: {c['patch'].value:.3f} [{c['patch'].low:.3f}, {c['patch'].high:.3f}]" for s, c in cka.items()),
               lambda: all_of(*(above(f"{s} patch-only CKA", cp[s], 0.9, ".3f") for s in ("S", "B"))),
               profile, needs=("S", "B")),
         check(section, prefix + "Patch-only CKA collapses as size grows", "qualitative (Fig. 3a)",
@@ -169,7 +169,7 @@ def knockout_checks(section: str, ko: dict[str, dict], profile: Profile, *, cka:
         check(section, prefix + "In giant, the register-only output matches better than the patch-only one",
               "qualitative (Fig. 3a)",
               lambda: "g: register {:.3f} vs patch {:.3f}; paired difference {:.3f} [{:.3f}, {:.3f}]".format(
-                  cka["g"]["reg"][0], cp["g"], *paired("g", "reg", "g", "patch")),
+                  cka["g"]["reg"].value, cp["g"], *paired("g", "reg", "g", "patch")),
               lambda: interval_above("paired register - patch CKA in g", paired("g", "reg", "g", "patch"), 0.0, ".3f"),
               profile, needs=("g",)),
     ]
