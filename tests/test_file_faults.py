@@ -4,7 +4,6 @@ import errno
 import os
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -87,14 +86,19 @@ def test_a_second_chapter_waits_for_the_entry_and_both_end_well(tmp_path, monkey
     second = subprocess.Popen([sys.executable, "-c", GET], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **env})
     try:
-        time.sleep(8)
-        assert second.poll() is None, second.communicate()   # it waits while the entry is being computed
+        for waiting in second.stderr:   # read until it says it waits (no sleep: it cannot go on while first holds)
+            if waiting.startswith("waiting for pid"):
+                break
+        else:
+            raise AssertionError(f"the second run ended without waiting: {second.wait()}")
+        assert second.poll() is None   # it waits while the entry is being computed (the first holds it)
     finally:
         first.kill()
         first.wait()
     out, err = second.communicate(timeout=120)
     assert second.returncode == 0 and out.strip() == "done 12", err
-    assert "waiting for pid" in err and "taking over" in err and "resuming: 2 of 12" in err
+    assert waiting.startswith(f"waiting for pid {first.pid} on ")
+    assert "taking over" in err and "resuming: 2 of 12" in err
     assert "Traceback" not in err
     monkeypatch.setenv("REGCLS_CACHE", str(tmp_path / "single"))
     from regcls.cache import get_trace

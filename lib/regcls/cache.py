@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .env import cache_dir, resolve_device, use_bf16
-from .files import LIB_ROOT, STORE_SOURCES, TRACE_SOURCES, source_digest  # noqa: F401 (STORE_SOURCES: tests)
+from .files import LIB_ROOT, STORE_SOURCES, TRACE_SOURCES, library_digest, source_digest  # noqa: F401 (tests)
 from .profiles import ModelSpec, Profile
 
 def prepare_build(build: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
@@ -25,8 +25,7 @@ def prepare_build(build: str | Path, profile: str, lib_root: Path | None = None,
     import shutil
 
     build = Path(build)
-    root = lib_root or LIB_ROOT
-    lib = source_digest(tuple(sorted(p.name for p in root.glob("*.py"))), root)
+    lib = library_digest(lib_root)
     dropped = []
     last = {k: (build / f".{k}").read_text().strip() if (build / f".{k}").is_file() else None
             for k in ("profile", "library")}

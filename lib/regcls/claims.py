@@ -99,15 +99,14 @@ def code_stamp() -> str:
     every row is stamped with it, and every row of the claims table compares its stamp with it."""
     import subprocess
 
-    from .files import LIB_ROOT, source_digest
+    from .files import LIB_ROOT, library_digest
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    names = tuple(sorted(p.name for p in LIB_ROOT.glob("*.py")))
-    return f"commit {commit}, library {source_digest(names)}"
+    return f"commit {commit}, library {library_digest()}"
 
 
 def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,

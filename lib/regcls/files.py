@@ -35,6 +35,12 @@ def source_digest(names: tuple[str, ...] = TRACE_SOURCES, root: Path | None = No
     return h.hexdigest()[:16]
 
 
+def library_digest(root: Path | None = None) -> str:
+    """:func:`source_digest` of every file of the library (which code computed a page, a claim row)."""
+    root = root or LIB_ROOT
+    return source_digest(tuple(sorted(p.name for p in root.glob("*.py"))), root)
+
+
 # The errors of a file system, not of the data: they get a one-line message that says what was kept.
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
@@ -46,35 +52,33 @@ def _writer(fd: int):
     return os.fdopen(fd, "wb")
 
 
-def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that ``path`` is either absent, the old file, or the complete new one; a failed write
-    leaves no temporary file behind."""
+def _atomic(path: str | Path, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then put it in place: ``path`` is either absent, the
+    old file, or the complete new one, and a failed write leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with _writer(fd) as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_savez(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz atomically, synced to the disk before it is put in place."""
+    def write(f):
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    _atomic(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a small text file atomically (absent, old, or complete)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with _writer(fd) as f:
-            f.write(text.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic(path, lambda f: f.write(text.encode()))
 
 
 # What reading a damaged .npz raises: cut short, garbage, a missing array, another shape.
