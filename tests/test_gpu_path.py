@@ -12,6 +12,7 @@ from regcls import bench, cli, env
 from regcls import trace as T
 from regcls.errors import RegclsError
 
+AGREEMENT = T.amp_agreement   # the real check, for tests that wrap it
 PERMISSIVE = {"identity_bf16": 1.0, "share_change_p99": 1.0, "cka_min": -1.0, "penult_cosine_change": 1e9}
 
 
@@ -66,6 +67,10 @@ def test_trace_defaults_to_the_gpu_and_bf16_where_the_machine_has_them(monkeypat
     assert env.resolve_precision("cuda:0", "fp32") == ("cuda:0", False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # a T4
     assert env.resolve_precision("auto", "auto") == ("cuda", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (7, 5))
+    assert not env.native_tf32("cuda") and not env.native_tf32("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (8, 0))   # an A100: TF32 to fall back on
+    assert env.native_tf32("cuda:0") and not env.native_tf32("cpu")
 
 
 # --------------------------------------------------------------------------- one precision per request
@@ -93,7 +98,7 @@ def test_a_resumed_bf16_run_equals_an_uninterrupted_one_and_keeps_its_decision(t
     with pytest.raises(OSError):
         T.run_trace(model, images, store.ids, out=tmp_path / "r.npz", meta=_meta(model), batch_size=4, amp=True)
     decision = json.loads((tmp_path / "r.npz.parts" / "precision.json").read_text())
-    assert decision["amp"] is True and decision["check"]["ok"] is True
+    assert decision["mode"] == "bf16" and decision["checks"]["bf16"]["ok"] is True
     monkeypatch.setattr(T, "save_trace", save)
     monkeypatch.setattr(T, "amp_agreement", lambda *a, **k: pytest.fail("a resumed run checked bf16 again"))
     T.run_trace(model, images, store.ids, out=tmp_path / "r.npz", meta=_meta(model), batch_size=4, amp=True)
@@ -108,9 +113,9 @@ def test_shards_decide_on_the_same_images_and_merge(tmp_path, monkeypatch):
     seen = []
     check = T.amp_agreement
 
-    def recording(model, x):
+    def recording(model, x, mode="bf16"):
         seen.append(x.double().sum().item())
-        return check(model, x)
+        return check(model, x, mode=mode)
 
     monkeypatch.setattr(T, "AMP_TOLERANCE", PERMISSIVE)
     monkeypatch.setattr(T, "amp_agreement", recording)
@@ -129,6 +134,7 @@ def test_shards_decide_on_the_same_images_and_merge(tmp_path, monkeypatch):
                                      batch_size=6, amp=True))
     for k in (*T.PER_IMAGE, "attn_out_bias"):
         assert np.array_equal(merged[k], whole[k]), k
+    assert merged["meta"]["amp_check"] == whole["meta"]["amp_check"]   # one check, as for the single run
 
 
 def test_shards_of_other_precisions_refuse_to_merge(tmp_path, monkeypatch):
@@ -146,17 +152,105 @@ def test_float32_traces_record_their_precision_and_keep_tf32_off_on_cuda(tmp_pat
     store, images = _images()
     t = T.load_trace(T.run_trace(model, images, store.ids, out=tmp_path / "f.npz", meta=_meta(model)))
     assert t["meta"]["precision"] == "float32" and "amp_used" not in t["meta"]
-    assert T.precision_label("cuda:1", False) == "float32 (TF32 off)"
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # PyTorch's convolution default
+    assert T.precision_label("cuda:1", "fp32") == "float32 (TF32 off)"
+    assert T.precision_label("cuda:1", "tf32") == "float32 with TF32 matrix products and convolutions"
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [f.fp32_precision for f in flags]
     try:
-        with T.strict_float32("cuda"):
-            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
-        with T.strict_float32("cpu"):
-            assert torch.backends.cudnn.allow_tf32 is True
+        for f in flags:   # PyTorch's convolution default, set through the new API (the legacy flags then fail)
+            f.fp32_precision = "tf32"
+        with T.precision_mode("cuda", "fp32"):
+            assert [f.fp32_precision for f in flags] == ["ieee", "ieee"]
+            assert not torch.is_autocast_enabled("cuda")
+        assert [f.fp32_precision for f in flags] == ["tf32", "tf32"]
+        with T.precision_mode("cpu", "bf16"):
+            assert [f.fp32_precision for f in flags] == ["ieee", "ieee"]   # what runs outside autocast: full float32
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        with T.precision_mode("cuda:0", "tf32"):
+            assert [f.fp32_precision for f in flags] == ["tf32", "tf32"]
+        with pytest.raises(ValueError, match="precision mode 'fp16'"):
+            with T.precision_mode("cpu", "fp16"):
+                pass
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        for f, v in zip(flags, before):
+            f.fp32_precision = v
+
+
+@pytest.fixture
+def an_ampere_gpu_on_the_cpu(monkeypatch):
+    """The precision decision as on an A100 (bf16 and TF32 native), its forward passes run on the CPU."""
+    monkeypatch.setattr(T, "native_bf16", lambda: True)
+    monkeypatch.setattr(T, "native_tf32", lambda device: True)
+
+
+def _judged(verdicts: dict[str, bool], seen: list):
+    """An agreement check that passes or fails by mode, and records the flags each mode ran under."""
+    def check(model, x, mode="bf16"):
+        out = AGREEMENT(model, x, mode=mode)
+        seen.append((mode, torch.backends.cuda.matmul.fp32_precision))
+        return {**out, "ok": verdicts[mode]}
+    return check
+
+
+def test_the_float32_fallback_uses_tf32_only_where_its_own_check_passes(tmp_path, monkeypatch, an_ampere_gpu_on_the_cpu):
+    model = tiny_model()
+    store, images = _images()
+    seen, flags = [], []
+    before = torch.backends.cuda.matmul.fp32_precision
+    monkeypatch.setattr(T, "amp_agreement", _judged({"bf16": False, "tf32": True}, seen))
+    hook = model.blocks[0].register_forward_hook(lambda *a: flags.append(torch.backends.cuda.matmul.fp32_precision))
+    with pytest.warns(UserWarning, match=r"bfloat16 autocast disagrees .*; trying float32 with TF32 matrix products"):
+        t = T.load_trace(T.run_trace(model, images, store.ids, out=tmp_path / "t.npz", meta=_meta(model),
+                                     batch_size=6, amp=True, progress=False))
+    hook.remove()
+    assert [m for m, _ in seen] == ["bf16", "tf32"]
+    assert t["meta"]["precision"] == "float32 with TF32 matrix products and convolutions"
+    assert t["meta"]["amp_used"] is False and t["meta"]["amp_check"]["ok"] is False and t["meta"]["tf32_check"]["ok"]
+    assert t["meta"]["tf32_check"]["mode"] == "tf32"
+    # the checks' passes (bf16: full float32 reference, bf16; TF32: reference, TF32), then both batches with TF32
+    assert flags == ["ieee", "ieee", "ieee", "tf32", "tf32", "tf32"]
+    assert torch.backends.cuda.matmul.fp32_precision == before   # restored after the run
+
+    seen.clear()
+    monkeypatch.setattr(T, "amp_agreement", _judged({"bf16": False, "tf32": False}, seen))
+    with pytest.warns(UserWarning) as said:
+        t = T.load_trace(T.run_trace(model, images, store.ids, out=tmp_path / "f.npz", meta=_meta(model),
+                                     batch_size=6, amp=True, progress=False))
+    assert [m for m, _ in seen] == ["bf16", "tf32"] and t["meta"]["precision"] == "float32"
+    assert "TF32 matrix products and convolutions disagrees with float32" in str(said[-1].message)
+    assert str(said[-1].message).endswith("tracing in full float32")
+
+    seen.clear()
+    t = T.load_trace(T.run_trace(model, images, store.ids, out=tmp_path / "n.npz", meta=_meta(model),
+                                 batch_size=6, amp=False, progress=False))
+    assert seen == [] and t["meta"]["precision"] == "float32" and "tf32_check" not in t["meta"]   # fp32 asked: no TF32
+
+
+def test_a_resumed_tf32_run_keeps_its_decision_and_reports_both_checks(tmp_path, monkeypatch, an_ampere_gpu_on_the_cpu):
+    from regcls import cache
+    model = tiny_model()
+    store, images = _images()
+    seen = []
+    monkeypatch.setattr(T, "amp_agreement", _judged({"bf16": False, "tf32": True}, seen))
+    monkeypatch.setenv("REGCLS_TEST_PAUSE_AFTER_BATCHES", "0")
+    save = T.save_trace
+    monkeypatch.setattr(T, "save_trace", lambda *a, **k: (_ for _ in ()).throw(OSError("interrupted")))
+    with pytest.raises(OSError), pytest.warns(UserWarning):
+        T.run_trace(model, images, store.ids, out=tmp_path / "r.npz", meta=_meta(model), batch_size=6, amp=True,
+                    progress=False)
+    monkeypatch.setattr(T, "save_trace", save)
+    monkeypatch.setattr(T, "amp_agreement", lambda *a, **k: pytest.fail("a resumed run checked again"))
+    t = T.load_trace(T.run_trace(model, images, store.ids, out=tmp_path / "r.npz", meta=_meta(model), batch_size=6,
+                                 amp=True, progress=False))
+    assert t["meta"]["precision"].startswith("float32 with TF32") and t["meta"]["tf32_check"]["ok"] is True
+    label = cache._loaded(t)["meta"] and cache.PRECISIONS["m on d at 56 px"]
+    assert label.startswith("float32 with TF32 matrix products and convolutions (bf16 check failed: identity error ")
+    assert "; TF32 check passed: identity error " in label
+
+
+def test_peak_of_tf32_is_half_the_bf16_peak():
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == bench.peak_tflops("NVIDIA H100 80GB HBM3") / 2
 
 
 # --------------------------------------------------------------------------- benchmark and memory

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .models import create
-from .trace import AMP_TOLERANCE, Tracer, amp_agreement
+from .trace import AMP_TOLERANCE, PRECISION_LABELS, Tracer, amp_agreement
 
 
 def _reset_peak() -> None:
@@ -240,9 +240,11 @@ PEAK_FP32_TFLOPS = (("H100 PCIe", 51.0), ("H100 NVL", 60.0), ("H100", 67.0), ("H
 
 
 def peak_tflops(device_name: str, precision: str = "bf16") -> float:
-    """Dense peak of a GPU from its name, for ``"bf16"`` or ``"fp32"`` (nan when unknown: pass ``--peak-tflops``)."""
-    table = PEAK_BF16_TFLOPS if precision == "bf16" else PEAK_FP32_TFLOPS
-    return next((tf for key, tf in table if key in device_name), float("nan"))
+    """Dense peak of a GPU from its name, for ``"bf16"``, ``"tf32"`` (half the bf16 peak on the tensor cores of
+    Ampere and newer) or ``"fp32"`` (nan when unknown: pass ``--peak-tflops``)."""
+    table = PEAK_FP32_TFLOPS if precision == "fp32" else PEAK_BF16_TFLOPS
+    peak = next((tf for key, tf in table if key in device_name), float("nan"))
+    return peak / 2 if precision == "tf32" else peak
 
 
 def device_peak(device: str, override: float | None = None, precision: str = "bf16") -> float:
@@ -258,8 +260,8 @@ def device_peak(device: str, override: float | None = None, precision: str = "bf
 def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tuple[float, str, dict | None]:
     """Images per second of :func:`regcls.trace.run_trace` from a uint8 image store to the trace file:
     host-to-device copies, normalisation, the bf16 check, the trace, device-to-host copies and the writes
-    included; the precision run_trace chose ("bf16", or "fp32" where bf16 missed the tolerance) and its bf16
-    check (None when bf16 was not asked for)."""
+    included; the precision run_trace chose (``"bf16"``, or ``"tf32"`` / ``"fp32"`` where bf16 missed the
+    tolerance) and the check that decided (None when bf16 was not asked for)."""
     import tempfile
     import warnings
 
@@ -276,12 +278,13 @@ def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tupl
                   device=device, amp=amp, progress=False)
         t = time.perf_counter()
         with warnings.catch_warnings():  # the precision is reported in the table instead
-            warnings.filterwarnings("ignore", "bfloat16 disagrees")
+            warnings.filterwarnings("ignore", ".* disagrees with float32")
             run_trace(model, images, ids, out=Path(d) / "t.npz", meta=meta, batch_size=batch, device=device,
                       amp=amp, progress=False)
         rate = n_images / (time.perf_counter() - t)
         meta = load_trace(Path(d) / "t.npz", meta_only=True)["meta"]
-        return rate, "bf16" if meta.get("amp_used") else "fp32", meta.get("amp_check")
+        mode = next((m for m, label in PRECISION_LABELS.items() if label == meta["precision"]), "fp32")
+        return rate, mode, meta.get("tf32_check") or meta.get("amp_check")
 
 
 def dinov2_archs() -> list[str]:

@@ -86,7 +86,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
         return _loaded(load_trace(path))
 
 
-# The precision of every trace this process has read (model and setting -> "bfloat16" or "float32"), for the
+# The precision of every trace this process has read (model and setting -> its precision label, with the checks that decided it), for the
 # line at the end of each chapter (regcls.page.finish).
 PRECISIONS: dict[str, str] = {}
 
@@ -96,9 +96,10 @@ def _loaded(trace: dict) -> dict:
 
     meta = trace["meta"]
     label = meta.get("precision", "float32")
-    check = meta.get("amp_check")
-    if isinstance(check, dict):   # bf16 was asked for: the check decided, with these figures
-        label += f" (bf16 check {'passed' if check['ok'] else 'failed'}: {check_summary(check)})"
+    checks = [(m, meta.get(k)) for m, k in (("bf16", "amp_check"), ("TF32", "tf32_check"))]
+    said = [f"{m} check {'passed' if c['ok'] else 'failed'}: {check_summary(c)}" for m, c in checks if isinstance(c, dict)]
+    if said:   # a lower precision was asked for: the checks decided, with these figures
+        label += f" ({'; '.join(said)})"
     crop = "" if meta.get("geometry", "").split("-")[1:2] in ([], ["1.0"]) else f", {meta['geometry']}"
     PRECISIONS[f"{meta.get('model', '?')} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px{crop}"] = label
     return trace

@@ -107,7 +107,7 @@ def gpu_trace(seconds: float = 30.0, device: str = "cuda") -> Check:
     from .metrics import cka
     from .models import create
     from .env import use_bf16
-    from .trace import Tracer, decide_precision
+    from .trace import PRECISION_LABELS, Tracer, decide_precision, precision_mode
 
     torch.manual_seed(0)
     model = create("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=224).eval()
@@ -117,23 +117,21 @@ def gpu_trace(seconds: float = 30.0, device: str = "cuda") -> Check:
     cuda = device.startswith("cuda")
     model = model.to(device)
     xg = x.to(device)
-    amp, check = decide_precision(model, xg, device=device, amp=use_bf16(device), name="ViT-S/14+reg")
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
-    with Tracer(model) as t:
-        with autocast:
-            got = t.run(xg[:8])["attn_out_full"].double().cpu().numpy()
+    mode, checks = decide_precision(model, xg, device=device, amp=use_bf16(device), name="ViT-S/14+reg")
+    with Tracer(model) as t, precision_mode(device, mode):
+        got = t.run(xg[:8])["attn_out_full"].double().cpu().numpy()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 3:
-            with autocast:
-                t.run(xg)
+            t.run(xg)
             if cuda:
                 torch.cuda.synchronize(device)
             n += len(xg)
         rate = n / (time.perf_counter() - start)
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     agree = cka(got, ref)
-    ok = agree > 0.999 and rel < (5e-2 if amp else 1e-3)
-    what = "bfloat16 autocast" if amp else ("float32 (bf16 check failed)" if check else "float32")
+    ok = agree > 0.999 and rel < (1e-3 if mode == "fp32" else 5e-2)
+    failed = " and ".join(m for m, c in checks.items() if not c["ok"])
+    what = PRECISION_LABELS[mode].split(" (")[0] + (f" ({failed} check failed)" if failed else "")
     return Check("trace", "ok" if ok else "fail",
                  f"ViT-S/14+reg on {'the GPU' if cuda else device} in {what}: {rate:.0f} img/s at batch 32; against the CPU on 8 images: "
                  f"relative difference {rel:.1e}, CKA {agree:.5f}")

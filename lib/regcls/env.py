@@ -41,6 +41,14 @@ def native_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def native_tf32(device: str) -> bool:
+    """True on a CUDA device with TF32 tensor cores (compute capability 8.0 or newer: A100, H100, L4, ...)."""
+    import torch
+
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
 def driver_cuda_version() -> tuple[int, int] | None:
     """The CUDA version the installed NVIDIA driver supports, ``(major, minor)``, asked of the driver library
     itself (``cuDriverGetVersion``), so that it answers where torch cannot use the GPU; None without a driver."""

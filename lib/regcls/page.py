@@ -99,7 +99,8 @@ def run_box(profile: Profile, notebook: str):
             f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
             f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell. Precision: "
             f"float32 on the CPU; on a GPU with native bfloat16, bfloat16 autocast for each model whose agreement "
-            f"check with float32 passes (the last line of the page names the precision of every trace it read)."
+            f"check with float32 passes, else TF32 where its check passes, else float32 (the last line of the page names "
+            f"the precision of every trace it read)."
             + (f" Images capped at <b>{cap}</b> per dataset (<code>REGCLS_LIMIT</code>)." if cap else ""))
     return HTML(_box("tip", "Run this chapter", body))
 

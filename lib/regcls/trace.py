@@ -47,7 +47,7 @@ from . import __version__
 from .errors import RegclsError
 from .files import atomic_savez, atomic_write_text, disk_error, output_lock
 from .models import layout
-from .env import native_bf16
+from .env import native_bf16, native_tf32
 
 TRACE_SCHEMA = 3
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
@@ -188,15 +188,43 @@ class Tracer:
         rec["attn_out_full"] = rec["attn_out_cls"] + rec["attn_out_reg"] + rec["attn_out_patch"] + self.bias
 
 
-# bfloat16 autocast is used only where it agrees with float32 this closely (checked on the first images).
+# bfloat16 autocast (or, where it fails, TF32 matrix products) is used only where it agrees with full float32
+# this closely (checked on the first images).
 AMP_TOLERANCE = {"identity_bf16": 2e-2, "share_change_p99": 1e-2, "cka_min": 0.999, "penult_cosine_change": 0.1}
 
+# What a trace file records as its precision, by mode (``fp32`` on a GPU: full float32, TF32 off).
+PRECISION_LABELS = {"bf16": "bfloat16 autocast (the trace's own arithmetic float32)",
+                    "tf32": "float32 with TF32 matrix products and convolutions", "fp32": "float32"}
 
-def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
-    """bfloat16 autocast against float32 on the same images (B, 3, S, S), B >= 2.
 
-    ``identity_*``: relative L2 distance between the decomposed attention branch (parts + bias) and the
-    branch the model itself computed (output of the last block's LayerScale), [CLS] token.
+@contextlib.contextmanager
+def precision_mode(device: str, mode: str = "fp32"):
+    """Run the enclosed forward passes in ``mode``: ``"bf16"`` (bfloat16 autocast; what runs outside it in full
+    float32), ``"tf32"`` (float32 with TF32 matrix products and convolutions, Ampere and newer) or ``"fp32"`` (full
+    float32: PyTorch otherwise lets convolutions use TF32 on A100/H100). Set through PyTorch's per-backend
+    ``fp32_precision`` flags (the older ``allow_tf32`` flags fail once anything in the process used the new ones)
+    and restored afterwards; on the CPU only the autocast matters."""
+    if mode not in PRECISION_LABELS:
+        raise ValueError(f"precision mode {mode!r}; one of {', '.join(PRECISION_LABELS)}")
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    old = [f.fp32_precision for f in flags]
+    for f in flags:
+        f.fp32_precision = "tf32" if mode == "tf32" else "ieee"
+    try:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16"):
+            yield
+    finally:
+        for f, v in zip(flags, old):
+            f.fp32_precision = v
+
+
+def amp_agreement(model: nn.Module, x: torch.Tensor, mode: str = "bf16") -> dict:
+    """A lower precision (``mode``: bfloat16 autocast, or TF32 matrix products) against full float32 on the same
+    images (B, 3, S, S), B >= 2.
+
+    ``identity_fp32`` (full float32) and ``identity_bf16`` (``mode``; the name kept for the files): relative L2
+    distance between the decomposed attention branch (parts + bias) and the branch the model itself computed
+    (output of the last block's LayerScale), [CLS] token.
     ``share_change_p99``: 99th percentile over images, blocks and token types of the change of the [CLS]
     attention share averaged over heads (what Sec. 3.1 compares); ``attn_mass_maxdiff``, the largest change of
     any single head's share, is reported beside it. ``cka_min``: smallest linear CKA across the images between
@@ -211,10 +239,10 @@ def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
     hook = model.blocks[-1].ls1.register_forward_hook(lambda m, i, o: own.__setitem__("branch", o[:, 0].float()))
     try:
         with Tracer(model) as tracer, torch.inference_mode():
-            with strict_float32(str(x.device)):   # the reference in full float32 (no TF32 convolutions)
+            with precision_mode(str(x.device), "fp32"):   # the reference in full float32 (no TF32 convolutions)
                 ref = tracer.run(x)
             ref_branch = own["branch"]
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            with precision_mode(str(x.device), mode):
                 low = tracer.run(x)
             low_branch = own["branch"]
     finally:
@@ -238,7 +266,7 @@ def amp_agreement(model: nn.Module, x: torch.Tensor) -> dict:
            "attn_mass_maxdiff": float((low["attn_mass"].float() - ref["attn_mass"].float()).abs().max()),
            "share_change_p99": float(torch.quantile(share.flatten(), 0.99)),
            "cka_min": float(ckas[worst]), "cka_min_key": worst, "penult_cosine_change": float(penult),
-           "images": len(x)}
+           "images": len(x), "mode": mode}
     out["ok"] = all(out[k] >= tol if k == "cka_min" else out[k] <= tol for k, tol in AMP_TOLERANCE.items())
     return out
 
@@ -319,7 +347,7 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
         raise RegclsError("nothing to merge")
 
     def settings(t: dict) -> dict:  # what must agree between shards
-        return {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard", "amp_check")}
+        return {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard", "amp_check", "tf32_check")}
 
     first = settings(traces[0])
     for p, t in zip(paths, traces):
@@ -337,8 +365,10 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
     if len(set(arrays["image_ids"].tolist())) != len(arrays["image_ids"]):
         raise RegclsError("the shards overlap (an image appears twice)")
     meta = {**first, "n_images": len(arrays["image_ids"]), "skipped": sum(t["meta"].get("skipped", 0) for t in traces)}
-    if "amp_check" in traces[0]["meta"]:  # each shard checked bf16 on its own first images
-        meta["amp_check"] = [t["meta"]["amp_check"] for t in traces]
+    for k in ("amp_check", "tf32_check"):   # shards of one request checked the same images: one check; else each
+        checks = [t["meta"].get(k) for t in traces]
+        if checks[0] is not None:
+            meta[k] = checks[0] if all(c == checks[0] for c in checks) else checks
     meta.pop("regcls_version", None)
     meta.pop("trace_schema", None)
     save_trace(out, arrays, meta)
@@ -441,56 +471,45 @@ def auto_batch_size(model: nn.Module, device: str, amp: bool = False, cap: int =
 
 
 def decide_precision(model: nn.Module, images: torch.Tensor, *, device: str, amp: bool, name: str = "this model",
-                     decision_file: Path | None = None) -> tuple[bool, dict | None]:
-    """bfloat16 autocast or float32 for one trace request: ``(amp, check)``.
+                     decision_file: Path | None = None) -> tuple[str, dict]:
+    """The precision of one trace request: ``(mode, checks)``, mode ``"bf16"``, ``"tf32"`` or ``"fp32"``
+    (:func:`precision_mode`), checks the :func:`amp_agreement` figures of each mode tried, by mode.
 
-    bf16 is used only where it is asked for, the GPU has it natively (the CPU runs it too, for tests), and
-    :func:`amp_agreement` on ``images`` (the request's first 32) passes. The decision is written to
-    ``decision_file`` (in the parts folder) and read back by a resumed run, and shards of one request check the
-    same images, so that every part of a trace has one precision.
+    Without ``amp`` the trace runs in full float32. With it, bf16 autocast is used where the GPU has it natively
+    (the CPU runs it too, for tests) and its check on ``images`` (the request's first 32) passes; where it fails
+    on a GPU with TF32 (Ampere and newer), float32 with TF32 matrix products where *its* check passes; else full
+    float32. The decision is written to ``decision_file`` (in the parts folder) and read back by a resumed run,
+    and shards of one request check the same images, so that every part of a trace has one precision.
     """
     if decision_file is not None and decision_file.is_file():
         d = json.loads(decision_file.read_text())
-        return bool(d["amp"]), d["check"]
-    check = None
+        return d["mode"], d["checks"]
+    mode, checks = "fp32", {}
     if amp and torch.device(device).type == "cuda" and not native_bf16():
         warnings.warn(f"{torch.cuda.get_device_name(torch.device(device))} has no native bfloat16; tracing in float32",
                       stacklevel=3)
         amp = False
-    if amp:
-        dtype = next(model.parameters()).dtype
-        check = amp_agreement(model, images[0:min(len(images), 32)].to(device=device, dtype=dtype))
+    tried = (["bf16"] + (["tf32"] if native_tf32(device) else [])) if amp else []
+    dtype = next(model.parameters()).dtype
+    for m in tried:
+        check = checks[m] = amp_agreement(model, images[0:min(len(images), 32)].to(device=device, dtype=dtype), mode=m)
         if check["ok"]:   # a failed check says so once, in the warning below
-            print(f"bf16 check for {name}: passed ({_describe_check(check)})", file=sys.stderr, flush=True)
-        else:
-            warnings.warn(f"bfloat16 disagrees with float32 for {name} on the first {check['images']} images "
-                          f"({_describe_check(check)}); tracing in float32", stacklevel=3)
-            amp = False
+            print(f"{m} check for {name}: passed ({_describe_check(check)})", file=sys.stderr, flush=True)
+            mode = m
+            break
+        then = "trying float32 with TF32 matrix products" if m == "bf16" and len(tried) > 1 else "tracing in full float32"
+        warnings.warn(f"{PRECISION_LABELS[m].split(' (')[0]} disagrees with float32 for {name} on the first "
+                      f"{check['images']} images ({_describe_check(check)}); {then}", stacklevel=3)
     if decision_file is not None:
-        atomic_write_text(decision_file, json.dumps({"amp": amp, "check": check}))
-    return amp, check
+        atomic_write_text(decision_file, json.dumps({"mode": mode, "checks": checks}))
+    return mode, checks
 
 
-@contextlib.contextmanager
-def strict_float32(device: str):
-    """Float32 matrix products and convolutions in full float32 on CUDA (PyTorch lets convolutions use TF32 on
-    A100/H100 by default); restored afterwards. Nothing changes on the CPU."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def precision_label(device: str, amp: bool) -> str:
+def precision_label(device: str, mode: str) -> str:
     """What a trace file records as its precision."""
-    if amp:
-        return "bfloat16 autocast (the trace's own arithmetic float32)"
-    return "float32 (TF32 off)" if torch.device(device).type == "cuda" else "float32"
+    if mode == "fp32" and torch.device(device).type == "cuda":
+        return "float32 (TF32 off)"
+    return PRECISION_LABELS[mode]
 
 
 def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta: dict,
@@ -500,8 +519,9 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
 
     ``images`` is indexable by a slice and returns normalised float images (B, 3, S, S) (see
     :class:`regcls.data.ImageStore`; its slices travel to the device as uint8). ``batch_size=None`` picks
-    one from the free memory (:func:`auto_batch_size`); ``amp`` runs under bfloat16 autocast (the trace's
-    own arithmetic stays float32). Finished batches go to ``out.parts/`` as they complete (atomic writes, in
+    one from the free memory (:func:`auto_batch_size`); ``amp`` asks for bfloat16 autocast (the trace's
+    own arithmetic stays float32), checked before use, with TF32 and full float32 as fallbacks
+    (:func:`decide_precision`). Finished batches go to ``out.parts/`` as they complete (atomic writes, in
     a background thread so the device keeps working); the final file is written atomically and the parts
     are removed. ``check_images`` are the images the bf16 check runs on (default: the first of ``images``;
     shards pass the whole request's first images, :func:`decide_precision`).
@@ -560,23 +580,21 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
         images = images.to(device)
     dtype = next(model.parameters()).dtype
     asked = amp
-    amp, amp_check = decide_precision(model, images if check_images is None else check_images, device=device, amp=amp,
-                                      name=meta.get("model", "this model"), decision_file=parts_dir / "precision.json")
-    batch_size = batch_size or auto_batch_size(model, device, amp)
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=amp)
+    mode, checks = decide_precision(model, images if check_images is None else check_images, device=device, amp=amp,
+                                    name=meta.get("model", "this model"), decision_file=parts_dir / "precision.json")
+    batch_size = batch_size or auto_batch_size(model, device, mode == "bf16")
     bias = None
     bar = tqdm(total=n, initial=start, unit="img", desc=f"trace {meta.get('model', '')}", disable=not progress)
     batches = _Batches(images, device, dtype)
     writer, pending = ThreadPoolExecutor(1), []
     try:
-        with Tracer(model) as tracer, strict_float32(device) if not amp else contextlib.nullcontext():
+        with Tracer(model) as tracer, precision_mode(device, mode):
             i = start
             while i < n:
                 j = min(i + batch_size, n)
                 x = batches.get(i, j, min(j + batch_size, n))
                 try:
-                    with autocast:
-                        rec = tracer.run(x)
+                    rec = tracer.run(x)
                 except torch.OutOfMemoryError:
                     if batch_size == 1:
                         raise
@@ -600,8 +618,7 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
                     while True:
                         time.sleep(0.05)
             if bias is None:  # everything came from parts: one tiny batch recovers the bias, as the run made it
-                with autocast:
-                    tracer.run(images[0:1].to(device=device, dtype=dtype))
+                tracer.run(images[0:1].to(device=device, dtype=dtype))
                 bias = tracer.bias
     finally:
         writer.shutdown(wait=True)  # finished batches reach the disk, also on an interrupt
@@ -612,9 +629,10 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
               for k in PER_IMAGE}
     arrays["attn_out_bias"] = bias.detach().float().cpu().numpy()
     arrays["image_ids"] = np.asarray(ids)
-    meta = {**meta, "precision": precision_label(device, amp)}
-    if asked:
-        meta = {**meta, "amp_used": amp, "amp_check": amp_check}
+    meta = {**meta, "precision": precision_label(device, mode)}
+    if asked:   # the checks that decided: bf16's, and TF32's where bf16 failed on a GPU that has it
+        meta = {**meta, "amp_used": mode == "bf16", "amp_check": checks.get("bf16"),
+                **({"tf32_check": checks["tf32"]} if "tf32" in checks else {})}
     save_trace(out, {**arrays, **(extra or {})}, meta)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return out
