@@ -52,3 +52,28 @@ def test_truncated_weights_file_names_the_file(hub, tmp_path, monkeypatch):
         create(NAME, pretrained=True, img_size=224)
     msg = str(e.value)
     assert "\n" not in msg and str(blob) in msg and "truncated or corrupt" in msg and "delete it" in msg
+
+
+def test_an_unreachable_hub_is_offline_for_the_load_only(hub, monkeypatch):
+    """Offline during the load (the local cache, no retries); the process's own setting untouched afterwards."""
+    import os
+
+    import timm
+
+    from regcls import models
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(hub))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    during = []
+    real = timm.create_model
+
+    def recording(*a, **k):
+        during.append((os.environ.get("HF_HUB_OFFLINE"), hc.HF_HUB_OFFLINE))
+        return real(*a, **k)
+
+    monkeypatch.setattr(timm, "create_model", recording)
+    create(NAME, pretrained=True, img_size=224)
+    assert during[-1] == ("1", True)
+    assert "HF_HUB_OFFLINE" not in os.environ and hc.HF_HUB_OFFLINE is False

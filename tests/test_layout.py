@@ -38,6 +38,18 @@ def test_imports_only_go_down():
     assert not upward, "imports that go up (or sideways) in LAYERS: " + "; ".join(sorted(upward))
 
 
+def test_the_library_imports_itself_at_the_top_of_each_module():
+    """The dependency direction is read from the top of a module: no function imports a regcls module (lazy imports
+    remain only for heavy third parties)."""
+    inside = []
+    for path in sorted(LIB.glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside += [f"{path.stem}.{fn.name}: from .{node.module or ''}" for node in ast.walk(fn)
+                           if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module]
+    assert not inside, "; ".join(inside)
+
+
 def test_the_check_sees_function_level_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from .cli import main\n    import regcls.bench\n")

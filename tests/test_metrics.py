@@ -311,6 +311,35 @@ def test_skip_outputs_add_the_skip_term_to_the_full_attention_output():
         np.testing.assert_allclose(s[p], t[f"attn_out_{p}"] + t["attn_out_bias"])
 
 
+def test_knockout_without_the_bias_gives_the_parts_proper_that_add_up_to_the_full_output():
+    t = fake_trace()
+    k = knockout(t, bias=False)
+    for p in ("cls", "reg", "patch"):
+        np.testing.assert_array_equal(k[p], t[f"attn_out_{p}"])
+    np.testing.assert_allclose(k["cls"] + k["reg"] + k["patch"], k["full"], atol=1e-12)
+    np.testing.assert_allclose(k["full"], t["attn_out_full"] - t["attn_out_bias"])
+    kc = knockout(t, bias=False, keep_cls=True)
+    np.testing.assert_allclose(kc["patch"], t["attn_out_patch"] + t["attn_out_cls"])
+    np.testing.assert_array_equal(knockout(t, level="val", bias=False)["patch"], t["attn_val_patch"])  # no bias there
+
+
+def test_penultimate_cosine_integration_depth_and_the_skip_patch_ratio():
+    from regcls.metrics import integration_depth, penultimate_cosine, skip_patch_ratio
+    # two images, four blocks; the [CLS] turns towards the final one: cosines 0, 0.6, 0.96 (image 0), 0.8 (image 1)
+    final = np.array([1.0, 0.0])
+    layers = np.array([[[0.0, 1.0], [0.6, 0.8], [0.96, 0.28], final],
+                       [[0.0, 1.0], [0.6, 0.8], [0.8, 0.6], final]])
+    t = {"cls_layers": layers}
+    assert penultimate_cosine(t) == pytest.approx((0.96 + 0.8) / 2)
+    assert integration_depth(t) == pytest.approx(4 / 4)          # mean cosine 0.88 at block 3 < 0.9: block 4
+    assert integration_depth(t, threshold=0.85) == pytest.approx(3 / 4)
+    assert integration_depth(t, threshold=0.5) == pytest.approx(2 / 4)
+    t = fake_trace()
+    t["skip"] = rng.normal(size=t["attn_out_full"].shape)
+    np.testing.assert_allclose(skip_patch_ratio(t), np.linalg.norm(t["skip"], axis=1)
+                               / np.linalg.norm(t["attn_out_patch"], axis=1))
+
+
 def test_top_dims_are_the_largest_mean_absolute_dimensions():
     from regcls.metrics import top_dims_mean
     X = np.array([[1.0, -10.0, 0.5, 3.0], [-1.0, 10.0, 0.5, -5.0]])   # mean |x|: 1, 10, 0.5, 4

@@ -1,6 +1,5 @@
 """Every chapter runs on a profile shaped like ``laptop`` (S and B only, fewer appendix models), so a chapter
 that indexes a model size the profile lacks fails here in seconds, not after a user downloads 8 GB."""
-import json
 from pathlib import Path
 
 import nbformat

@@ -17,8 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import create
-from .trace import AMP_TOLERANCE, PRECISION_LABELS, Tracer, amp_agreement
+from .cache import workload
+from .data import DATASETS, ImageStore, dataset_files, decode_images, eval_config
+from .env import check_device, hardware, use_bf16
+from .errors import RegclsError
+from .metrics import bootstrap_ci, cka, cka_interval, mean_pairwise_cosine, oneshot, oneshot_split
+from .models import create, layout
+from .probe import linear_probe
+from .profiles import PROFILES, SIZES, SIZE_NAMES
+from .trace import AMP_TOLERANCE, PRECISION_LABELS, Tracer, amp_agreement, auto_batch_size, load_trace, run_trace, trace_meta
 
 
 def _reset_peak() -> None:
@@ -135,8 +142,6 @@ def bench_cpu(sizes=("small", "base", "large"), batch: int = 8, repeats: int = 5
 
 def bench_memory(resolutions=(224, 518), batch: int = 2) -> list[dict]:
     """Peak memory of the trace at two resolutions (linear in tokens: no N x N kept for any layer)."""
-    from .models import layout
-
     rows = []
     arch = "vit_small_patch14_reg4_dinov2"
     for img in resolutions:
@@ -151,8 +156,6 @@ def bench_memory(resolutions=(224, 518), batch: int = 2) -> list[dict]:
 
 def bench_loading(n_images: int = 125, img_size: int = 224) -> dict:
     """Images per second for decoding + resizing alone vs the whole trace (ViT-B/14+reg, CPU)."""
-    from .data import dataset_files, decode_images, eval_config
-
     files, ids, _ = dataset_files("samples")
     files, ids = files[:n_images], ids[:n_images]
     model = create("vit_base_patch14_reg4_dinov2", pretrained=False, img_size=img_size)
@@ -192,9 +195,6 @@ def bench_analysis(n: int = 5000, d: int = 1536, n_boot: int = 300, probe: bool 
     images; synthetic features). The bootstrap of CKA is timed both ways: resampling the rows and recomputing
     CKA (the generic path, timed on 3 resamples and scaled to ``n_boot``) and from the Gram matrices; the
     class probe both ways: scikit-learn on the CPU (the baseline) and :func:`linear_probe` on ``device``."""
-    from .metrics import bootstrap_ci, cka, cka_interval, mean_pairwise_cosine, oneshot, oneshot_split
-    from .probe import linear_probe
-
     rng = np.random.default_rng(0)
     X = rng.standard_normal((n, d)) + 3.0
     Y = X @ rng.standard_normal((d, d)) / np.sqrt(d) + rng.standard_normal((n, d))
@@ -265,9 +265,6 @@ def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tupl
     import tempfile
     import warnings
 
-    from .data import ImageStore
-    from .trace import load_trace, run_trace, trace_meta
-
     S = model.patch_embed.img_size[0]
     pixels = np.random.default_rng(0).integers(0, 256, (n_images, 3, S, S), dtype=np.uint8)
     ids = [f"{i:06d}" for i in range(n_images)]
@@ -288,7 +285,6 @@ def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tupl
 
 
 def dinov2_archs() -> list[str]:
-    from .profiles import SIZE_NAMES, SIZES
     return [f"vit_{SIZE_NAMES[s]}_patch14_{'reg4_' if reg else ''}dinov2" for reg in (True, False) for s in SIZES]
 
 
@@ -299,10 +295,6 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
     the trace, model FLOPs utilisation (MFU, forward FLOPs over the device's dense bf16 peak), peak memory,
     the end-to-end rate of ``run_trace`` and the agreement of bf16 autocast with float32.
     ``on_row(rows)`` is called after each model, so that a run cut short keeps what it measured."""
-    from .trace import auto_batch_size
-
-    from .env import use_bf16
-
     cuda = device.startswith("cuda")
     amp = amp and (not cuda or use_bf16(device))   # a T4 has no native bf16: its traces run in float32, timed so
     rows = []
@@ -335,10 +327,6 @@ def bench_device(device: str = "cuda", archs: list[str] | None = None, img_size:
 
 def paper_workload() -> list[dict]:
     """Every trace the chapters request on the paper profile: model, dataset, images, resolution."""
-    from .cache import workload
-    from .data import DATASETS
-    from .profiles import PROFILES
-
     return [{"arch": j.spec.arch, "dataset": j.dataset, "images": DATASETS[j.dataset].n_images, "img_size": j.img_size,
              "crop_pct": j.crop_pct} for j in workload(PROFILES["paper"])]
 
@@ -385,8 +373,6 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results, with the hardware and versions, to this file")
     args = p.parse_args(argv)
     from . import __version__
-    from .env import check_device, hardware
-    from .errors import RegclsError
     try:
         check_device(args.device)
     except RegclsError as e:

@@ -8,9 +8,12 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from .data import dataset_files
 from .env import cache_dir, resolve_device, use_bf16
-from .files import LIB_ROOT, STORE_SOURCES, TRACE_SOURCES, library_digest, source_digest  # noqa: F401 (tests)
+from .files import DAMAGED, LIB_ROOT, STORE_SOURCES, TRACE_SOURCES, library_digest, output_lock, set_aside, source_digest  # noqa: F401 (tests)
+from .models import build, weights_id
 from .profiles import ModelSpec, Profile
+from .trace import TRACE_SCHEMA, check_summary, check_trace, load_trace, trace_files
 
 def prepare_build(build: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
     """Before ``jupyter-book build``: the execution cache is kept per profile and per library content.
@@ -56,12 +59,22 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
               amp: bool = False, progress: bool = True, crop_pct: float | None = None) -> dict:
     """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives.
 
-    ``crop_pct`` overrides the model's crop fraction (None: timm's, see :func:`regcls.data.eval_config`)."""
-    from .data import dataset_files
-    from .files import DAMAGED, output_lock, set_aside
-    from .models import build, weights_id
-    from .trace import TRACE_SCHEMA, check_trace, load_trace, trace_files
+    The cache key holds everything that changes the numbers (model, weights, dataset, images, resolution,
+    preprocessing, precision, schema and the trace code); a damaged entry is set aside and computed again.
 
+    Args:
+        spec: the model and its weights (hub, a local checkpoint, or a planted control).
+        dataset: a name in :data:`regcls.data.DATASETS` (downloaded where it is missing and allowed).
+        img_size: input resolution in pixels.
+        limit: at most this many images (None: all; a profile passes its own, capped by ``REGCLS_LIMIT``).
+        classes: the first images of this many classes (labelled sets).
+        checkpoint: a local weights file instead of ``spec``'s (official DINOv2 or timm format).
+        batch_size: images per batch (None: from the free memory).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``.
+        amp: ask for bfloat16 where the GPU has it natively (checked before use; :func:`regcls.trace.run_trace`).
+        progress: show progress bars.
+        crop_pct: the model's crop fraction replaced (None: timm's, see :func:`regcls.data.eval_config`).
+    """
     device = resolve_device(device)
     amp = amp and use_bf16(device)  # a T4 (Colab) runs float32 without a warning
     files, ids, labels = dataset_files(dataset, limit, download=True, classes=classes)
@@ -92,8 +105,6 @@ PRECISIONS: dict[str, str] = {}
 
 
 def _loaded(trace: dict) -> dict:
-    from .trace import check_summary
-
     meta = trace["meta"]
     label = meta.get("precision", "float32")
     checks = [(m, meta.get(k)) for m, k in (("bf16", "amp_check"), ("TF32", "tf32_check"))]

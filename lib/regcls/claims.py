@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .env import cache_dir, image_cap
+from .files import LIB_ROOT, atomic_write_text, library_digest
 from .profiles import Profile
 
 
@@ -87,10 +88,6 @@ class ClaimCheck:
         """Recorded by other library code than the one running now: the chapter must run again."""
         return self.stamp.split(" ")[-1] != code_stamp().split(" ")[-1]
 
-    @property
-    def verdict(self) -> str:
-        return {True: "agrees", False: "does not agree", None: "not testable on this profile"}[self.agrees]
-
 
 @functools.lru_cache(maxsize=1)
 def code_stamp() -> str:
@@ -98,8 +95,6 @@ def code_stamp() -> str:
     digest of every library file, so that a claim row says which code computed it. Worked out once per process:
     every row is stamped with it, and every row of the claims table compares its stamp with it."""
     import subprocess
-
-    from .files import LIB_ROOT, library_digest
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LIB_ROOT, capture_output=True,
@@ -191,7 +186,7 @@ def record(chapter: str, checks: list[ClaimCheck]) -> None:
     profile = checks[0].profile if checks else "none"
     folder = cache_dir() / "claims" / profile
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{chapter}.json").write_text(json.dumps([asdict(c) for c in checks], indent=1))
+    atomic_write_text(folder / f"{chapter}.json", json.dumps([asdict(c) for c in checks], indent=1))
 
 
 def collect(profile: str) -> list[ClaimCheck]:

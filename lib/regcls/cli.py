@@ -8,8 +8,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from .env import check_device, data_root, resolve_precision
+from .data import DATASETS, SHIPPED, dataset_files, download_dataset, list_images, scan_images
+from .doctor import run as run_doctor
+from .env import data_root, resolve_precision
 from .errors import RegclsError
+from .models import build, weights_id
+from .profiles import ModelSpec, active_profile
+from .trace import merge_traces, shard_range, trace_files
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -27,11 +32,6 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .data import dataset_files, list_images, scan_images
-    from .models import build, weights_id
-    from .profiles import ModelSpec
-    from .trace import shard_range, trace_files
-
     if (args.images is None) == (args.dataset is None):
         raise RegclsError("give exactly one of --images DIR and --dataset NAME")
     device, amp = resolve_precision(args.device, "bf16" if args.amp else args.precision)
@@ -74,16 +74,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .trace import merge_traces
-
     out = merge_traces(args.shards, args.out)
     print(f"wrote {out} from {len(args.shards)} shards")
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import DATASETS, SHIPPED, download_dataset
-
     if args.action == "list":
         for name, text in SHIPPED.items():
             print(f"{name:14s} shipped     {text}")
@@ -98,9 +94,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """What a profile would download and compute, without doing it."""
-    from .data import DATASETS, SHIPPED
-    from .profiles import active_profile
-
     prof = active_profile(args.profile, verbose=False)
     print(f"profile {prof.name}: {prof.note}; {prof.img_size} px, batch {prof.batch_size or 'auto'}, "
           f"{'GPU if there is one, else CPU' if prof.device == 'auto' else prof.device}")
@@ -117,9 +110,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import run
-
-    return run(trace=not args.no_trace)
+    return run_doctor(trace=not args.no_trace)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -13,6 +13,10 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from .env import cache_dir, cuda_problem, data_root, driver_cuda_version, hub_reachable, native_bf16, use_bf16
+from .metrics import cka
+from .models import create
+from .trace import PRECISION_LABELS, Tracer, auto_batch_size, decide_precision, precision_mode
 
 MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL", "info": "    "}
 
@@ -42,8 +46,6 @@ def gpu() -> list[Check]:
     """The driver, whether torch can use the GPU, and what the GPU offers."""
     import torch
 
-    from .env import cuda_problem, driver_cuda_version, native_bf16
-
     driver = driver_cuda_version()
     out = [Check("driver", "info", "no NVIDIA driver on this machine" if driver is None
                  else f"the NVIDIA driver supports CUDA {driver[0]}.{driver[1]}")]
@@ -52,8 +54,6 @@ def gpu() -> list[Check]:
         out.append(Check("gpu", "fail", problem or "no GPU: the smoke profile runs here in minutes; the laptop profile "
                                                    "is slow on a CPU and the paper profile needs a GPU"))
         return out
-    from .models import create
-    from .trace import auto_batch_size
 
     free, total = torch.cuda.mem_get_info()
     props = torch.cuda.get_device_properties(0)
@@ -69,8 +69,6 @@ def gpu() -> list[Check]:
 
 
 def folders() -> list[Check]:
-    from .env import cache_dir, data_root
-
     out = []
     # the paper profile: COCO val2017 and ImageNetV2 (about 2.5 GB); 35 traces and the decoded images (an estimate
     # from the rehearsal's file sizes scaled to 5,000 images)
@@ -89,8 +87,6 @@ def folders() -> list[Check]:
 
 
 def hub() -> Check:
-    from .env import hub_reachable
-
     if hub_reachable():
         return Check("hub", "ok", "huggingface.co reachable: the real weights can be downloaded")
     why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") else \
@@ -103,11 +99,6 @@ def gpu_trace(seconds: float = 30.0, device: str = "cuda") -> Check:
     tests run it with ``device="cpu"``, so that no line of it runs for the first time on a GPU)."""
     import numpy as np
     import torch
-
-    from .metrics import cka
-    from .models import create
-    from .env import use_bf16
-    from .trace import PRECISION_LABELS, Tracer, decide_precision, precision_mode
 
     torch.manual_seed(0)
     model = create("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=224).eval()

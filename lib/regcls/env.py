@@ -3,6 +3,7 @@ cap, the Hugging Face hub, the GPU (driver, native bfloat16, the device and the 
 one-line description of the hardware."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -32,6 +33,27 @@ def hub_reachable(timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool = True):
+    """Within: the Hugging Face hub is read from its local cache only (no connection tried, no retries), where
+    ``offline``; the process's setting (variable and the hub library's flag) is restored afterwards."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hc
+
+    old = os.environ.get("HF_HUB_OFFLINE"), hc.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hc.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        if old[0] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old[0]
+        hc.HF_HUB_OFFLINE = old[1]
 
 
 def native_bf16() -> bool:

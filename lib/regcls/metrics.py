@@ -8,6 +8,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 import numpy as np
+from .errors import RegclsError
 
 PART_INDEX = {"cls": 0, "reg": 1, "patch": 2}
 GRAM_MAX_IMAGES = 20_000  # cka_interval: above this, (n, n) Gram matrices (3.2 GB each) would not fit well
@@ -25,7 +26,8 @@ def shares(trace: dict, layer: int = -1) -> dict[str, np.ndarray]:
 RENORM_FLOOR = 1e-3  # a head that keeps less of its attention than this is not renormalised (it would divide by ~0)
 
 
-def knockout(trace: dict, level: str = "out", renormalise: bool = False, keep_cls: bool = False) -> dict[str, np.ndarray]:
+def knockout(trace: dict, level: str = "out", renormalise: bool = False, keep_cls: bool = False,
+             bias: bool = True) -> dict[str, np.ndarray]:
     """The last block's [CLS] attention output, unaltered and restricted to one token type.
 
     ``level="out"``: after the output projection and LayerScale (what enters the residual stream; the
@@ -36,6 +38,8 @@ def knockout(trace: dict, level: str = "out", renormalise: bool = False, keep_cl
     A head that keeps less than ``RENORM_FLOOR`` is left as it is; :func:`low_mass_heads` counts them.
     ``keep_cls``: the [CLS]-self term stays in the patch-only and register-only outputs (a literal reading
     of the paper, which knocks out the *other* tokens); by default each output holds one token type only.
+    ``bias=False`` (``level="out"``): the parts proper, without the projection bias, and ``full`` without it
+    too (so that the parts add up to it; for norms, cosines and maps of one token type's contribution).
     Returns ``{"full", "cls", "reg", "patch"}`` each (n, D).
     """
     if level not in ("out", "val"):
@@ -53,8 +57,11 @@ def knockout(trace: dict, level: str = "out", renormalise: bool = False, keep_cl
     if level == "val":
         out["full"] = sum(raw.values())
         return out
-    bias = trace["attn_out_bias"].astype(np.float64)
-    return {**{p: v + bias for p, v in out.items()}, "full": trace["attn_out_full"].astype(np.float64)}
+    b = trace["attn_out_bias"].astype(np.float64)
+    full = trace["attn_out_full"].astype(np.float64)
+    if not bias:
+        return {**out, "full": full - b}
+    return {**{p: v + b for p, v in out.items()}, "full": full}
 
 
 def _kept(part: str, keep_cls: bool) -> tuple[str, ...]:
@@ -209,8 +216,6 @@ def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: 
 
 def same_images(traces) -> list[str]:
     """The image ids the traces share, in order; a one-line error when they differ (no paired contrast then)."""
-    from .errors import RegclsError
-
     traces = list(traces)
     ids = [str(i) for i in traces[0]["image_ids"]]
     for t in traces[1:]:
@@ -261,6 +266,25 @@ def layer_cosine(trace: dict) -> np.ndarray:
     """Cosine of the [CLS] after every block to the last block's [CLS], per image: (n, L)."""
     layers = trace["cls_layers"].astype(np.float64)
     return cosine(layers, layers[:, -1:, :])
+
+
+def penultimate_cosine(trace: dict) -> float:
+    """Mean over the images of the cosine between the [CLS] entering the last block and the final [CLS]
+    (Sec. 4.1: near 1 when the global output is settled before the last block)."""
+    return float(layer_cosine(trace)[:, -2].mean())
+
+
+def integration_depth(trace: dict, threshold: float = 0.9) -> float:
+    """The fraction of the depth at which the image-averaged [CLS] first comes within ``threshold`` cosine of
+    the final [CLS] (appendix Fig. 9: early integration is a small fraction)."""
+    c = layer_cosine(trace).mean(0)
+    return float((np.argmax(c >= threshold) + 1) / len(c))
+
+
+def skip_patch_ratio(trace: dict) -> np.ndarray:
+    """Sec. 4.1, per image (n,): the norm of the last block's [CLS] skip term over the norm of the patch
+    tokens' contribution to its attention output (the projection bias left out: it belongs to no token)."""
+    return norms(trace["skip"]) / norms(knockout(trace, bias=False)["patch"])
 
 
 def top_dims_mean(X: np.ndarray, k: int = 100, dims: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

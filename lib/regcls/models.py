@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import difflib
 import functools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .env import checkpoints_dir, hub_offline, hub_reachable
 from .errors import RegclsError
-from .env import checkpoints_dir, hub_reachable
+from .planted import plant
 from .profiles import ModelSpec
 
 @dataclass(frozen=True)
@@ -83,12 +83,9 @@ def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None
     with torch.device("meta"):  # shape-only build: refuse non-ViTs before any weights exist
         check_supported(timm.create_model(arch, pretrained=False, **(overrides or {})), name)
     kwargs = dict(num_classes=0, img_size=img_size, **(overrides or {}))
-    if pretrained and not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # use the local hub cache if it has the weights, never retry
-        import huggingface_hub.constants as hc
-        hc.HF_HUB_OFFLINE = True
     try:
-        model = timm.create_model(name if pretrained else arch, pretrained=pretrained, **kwargs)
+        with hub_offline(pretrained and not hub_reachable()):   # the local hub cache if it has the weights, no retries
+            model = timm.create_model(name if pretrained else arch, pretrained=pretrained, **kwargs)
     except RegclsError:
         raise
     except Exception as e:  # noqa: BLE001 -- turned into one line for the user
@@ -211,7 +208,6 @@ def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) 
     if kind == "checkpoint":
         return build(ModelSpec(spec.size, spec.arch, overrides=spec.overrides), img_size, checkpoint_path(arg))
     if kind == "planted":
-        from .planted import plant
         model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
         return plant(model, arg)
     raise RegclsError(f"unknown weights {spec.weights!r} for {spec.name}")

@@ -77,7 +77,7 @@ def plant(model: nn.Module, kind: str) -> nn.Module:
     if not hasattr(model.blocks[0].ls1, "gamma"):
         raise RegclsError("planted models need LayerScale (a DINOv2-style ViT)")
     gen = torch.Generator().manual_seed(SEEDS[kind])
-    L, P, D = len(model.blocks), model.num_prefix_tokens, model.embed_dim
+    L, D = len(model.blocks), model.embed_dim
     last = model.blocks[-1]
     with torch.no_grad():
         _reinit(model, gen)

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -44,10 +43,12 @@ import torch
 from torch import nn
 
 from . import __version__
+from .data import Normalized, decode_images, eval_config, image_store
+from .env import native_bf16, native_tf32
 from .errors import RegclsError
 from .files import atomic_savez, atomic_write_text, disk_error, output_lock
+from .metrics import cka, mean_pairwise_cosine
 from .models import layout
-from .env import native_bf16, native_tf32
 
 TRACE_SCHEMA = 3
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
@@ -233,8 +234,6 @@ def amp_agreement(model: nn.Module, x: torch.Tensor, mode: str = "bf16") -> dict
     0.9989, four digits: bf16 may move 1 - cos by a tenth of itself at most). ``ok``: all within
     :data:`AMP_TOLERANCE`.
     """
-    from .metrics import cka, mean_pairwise_cosine
-
     own = {}
     hook = model.blocks[-1].ls1.register_forward_hook(lambda m, i, o: own.__setitem__("branch", o[:, 0].float()))
     try:
@@ -517,14 +516,28 @@ def run_trace(model: nn.Module, images, ids: list[str], *, out: str | Path, meta
               amp: bool = False, progress: bool = True, check_images=None) -> Path:
     """Trace all images into ``out`` (.npz), resuming an interrupted run of the same settings.
 
-    ``images`` is indexable by a slice and returns normalised float images (B, 3, S, S) (see
-    :class:`regcls.data.ImageStore`; its slices travel to the device as uint8). ``batch_size=None`` picks
-    one from the free memory (:func:`auto_batch_size`); ``amp`` asks for bfloat16 autocast (the trace's
-    own arithmetic stays float32), checked before use, with TF32 and full float32 as fallbacks
-    (:func:`decide_precision`). Finished batches go to ``out.parts/`` as they complete (atomic writes, in
-    a background thread so the device keeps working); the final file is written atomically and the parts
-    are removed. ``check_images`` are the images the bf16 check runs on (default: the first of ``images``;
-    shards pass the whole request's first images, :func:`decide_precision`).
+    Finished batches go to ``out.parts/`` as they complete (atomic writes, in a background thread so the device
+    keeps working); the final file is written atomically and the parts are removed. An out-of-memory error halves
+    the batch; a full disk or an unwritable folder is one line saying how many images are kept.
+
+    Args:
+        model: a supported timm ViT (:func:`regcls.models.check_supported`), moved to ``device`` here.
+        images: indexable by a slice, giving normalised float images (B, 3, S, S) (see
+            :class:`regcls.data.ImageStore`; its slices travel to the device as uint8).
+        ids: one id per image, in order; with ``meta`` they make the key that a resumed run must match.
+        out: the trace file to write.
+        meta: model, weights, dataset and preprocessing, stored in the file; the precision is added here.
+        extra: arrays stored beside the trace (e.g. ``labels``), one row per image.
+        batch_size: images per batch; None picks one from the free memory (:func:`auto_batch_size`).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp: ask for bfloat16 autocast (the trace's own arithmetic stays float32), checked before use, with TF32
+            and full float32 as fallbacks (:func:`decide_precision`).
+        progress: show a progress bar.
+        check_images: the images the precision check runs on (default: the first of ``images``; shards pass the
+            whole request's first images, so that every shard decides alike).
+
+    Returns:
+        ``out``.
     """
     out = Path(out)
     parts_dir = out.with_name(out.name + ".parts")
@@ -562,8 +575,6 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
-
-    from .data import Normalized
 
     n = len(ids)
     if n == 0:
@@ -654,15 +665,25 @@ def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarra
                 meta: dict, img_size: int, batch_size: int | None = None, device: str = "cpu", amp: bool = False,
                 progress: bool = True, store_cache: str | Path | None = None, crop_pct: float | None = None,
                 check_files: list | None = None):
-    """Decode image files with the model's eval transform and trace them into ``out``.
+    """Decode image files with the model's eval transform and trace them into ``out`` (:func:`run_trace`).
 
-    ``meta`` names the model, weights and dataset; the preprocessing, the image count and the skipped files
-    are added here. ``crop_pct`` overrides the model's crop fraction (:func:`regcls.data.eval_config`).
-    ``check_files``: the files the bf16 check decodes and runs on (a shard passes the whole request's first files,
-    so that every shard decides alike). Returns the image store (its ``skipped`` lists unreadable files).
+    Args:
+        model: a supported timm ViT.
+        files: image files (unreadable ones are skipped, named and counted).
+        ids: one id per file.
+        labels: one class label per file, stored with the trace (None: no labels).
+        out: the trace file to write.
+        meta: model, weights and dataset; the preprocessing, the image count and the skipped files are added here.
+        img_size: input resolution in pixels.
+        batch_size, device, amp, progress: as for :func:`run_trace`.
+        store_cache: folder of decoded uint8 image stores, reused by every model of one geometry (None: none).
+        crop_pct: the model's crop fraction replaced (None: timm's; :func:`regcls.data.eval_config`).
+        check_files: the files the precision check decodes and runs on (a shard passes the whole request's first
+            files, so that every shard decides alike).
+
+    Returns:
+        The image store (its ``skipped`` lists unreadable files).
     """
-    from .data import decode_images, eval_config, image_store
-
     geometry, mean, std = eval_config(model, img_size, crop_pct)
     store = image_store(files, ids, geometry, cache=store_cache, progress=progress)
     meta = trace_meta(model, img_size=img_size, n_images=len(store), skipped=len(store.skipped), amp=amp,
