@@ -1,6 +1,7 @@
 """Build the smoke book warning-free and open every page in headless Chromium: no console errors from the
 page itself, figures with a real size, the smoke banner, and a Colab button for that chapter's notebook."""
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("*.ipynb"))
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
+FIGURE_NAMES = {p.stem: [c["metadata"]["mystnb"]["figure"]["name"] for c in json.loads(p.read_text())["cells"]
+                         if "figure" in c["metadata"].get("mystnb", {})] for p in (ROOT / "chapters").glob("*.ipynb")}
 FIGURES = {"sec3_1_register_attention": 3, "sec3_2_register_norms": 1, "sec3_3_register_knockout": 2,
            "sec3_4_attention_maps": 2, "sec4_1_skip_connection": 4, "controls": 1, "appendix_other_recipes": 1}
 
@@ -88,6 +91,8 @@ def test_chapter_page(site, browser, chapter):
     sizes = page.eval_on_selector_all(".cell_output img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
     if chapter != "summary_claims":  # every computed figure has loaded with a real size
         assert len(sizes) >= FIGURES.get(chapter, 1) and all(w > 200 and h > 150 for w, h in sizes), sizes
+    for name in FIGURE_NAMES[chapter]:   # each named figure is a numbered figure with its caption
+        assert page.locator(f"figure#{name} figcaption").count() == 1, name
     assert page.locator(".regcls-smoke-banner").count() == 1
     colab = page.eval_on_selector_all("a[href*='colab.research.google.com']", "els => els.map(e => e.href)")
     url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"].split("github.com/")[1]
