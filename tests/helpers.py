@@ -11,6 +11,11 @@ FAMILIES = {  # name -> (timm arch, overrides)
     "deit3": ("deit3_small_patch16_224", dict(img_size=48)),
     "clip": ("vit_base_patch16_clip_224", dict(img_size=48)),
     "qknorm": ("vit_small_patch16_224", dict(img_size=48, qk_norm=True)),  # no DINOv2 uses it, other ViTs do
+    # DINOv3 (timm's Eva): rotary embedding on the patches, 4 registers, gamma_1 LayerScale; with a qkv bias added
+    # outside the projection (qkvb), and with a SwiGLU MLP (S+, H+)
+    "dinov3": ("vit_small_patch16_dinov3", dict(img_size=48)),
+    "dinov3_qkvb": ("vit_small_patch16_dinov3_qkvb", dict(img_size=48)),
+    "dinov3_swiglu": ("vit_huge_plus_patch16_dinov3", dict(img_size=48)),
 }
 
 
@@ -20,11 +25,17 @@ def tiny(family: str, seed: int = 0, dtype=torch.float64):
     with torch.no_grad():
         _reinit(model, torch.Generator().manual_seed(seed))
         for blk in model.blocks:
-            if hasattr(blk.ls1, "gamma"):
+            if hasattr(blk, "ls1") and hasattr(blk.ls1, "gamma"):
                 blk.ls1.gamma.uniform_(0.2, 1.0)
                 blk.ls2.gamma.uniform_(0.2, 1.0)
+            if getattr(blk, "gamma_1", None) is not None:   # Eva
+                blk.gamma_1.uniform_(0.2, 1.0)
+                blk.gamma_2.uniform_(0.2, 1.0)
             if blk.attn.qkv.bias is not None:
                 blk.attn.qkv.bias.normal_(0, 0.1)
+            if getattr(blk.attn, "q_bias", None) is not None:   # Eva's biases, added after the projection
+                blk.attn.q_bias.normal_(0, 0.3)
+                blk.attn.v_bias.normal_(0, 0.3)
             blk.attn.proj.bias.normal_(0, 0.1)
             for norm in (blk.attn.q_norm, blk.attn.k_norm):
                 if isinstance(norm, torch.nn.LayerNorm):

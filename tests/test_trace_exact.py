@@ -1,41 +1,55 @@
-"""Every quantity of the trace equals what timm computes, in float64, on four ViT families."""
+"""Every quantity of the trace equals what timm computes, in float64, on five ViT families and on DINOv3 (timm's
+Eva: rotary embedding, a qkv bias added after the projection, SwiGLU)."""
 import numpy as np
 import pytest
 import torch
+from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 from helpers import FAMILIES, images, tiny
+from regcls.models import layout
 from regcls.trace import PARTS, trace_batch
 
 TOL = dict(rtol=1e-8, atol=1e-8)
 
 
+def layer_scale(blk, y):
+    """The attention branch's LayerScale, written out per family (timm's ViT: ``ls1``; Eva: ``gamma_1``)."""
+    return blk.ls1(y) if hasattr(blk, "ls1") else y * blk.gamma_1
+
+
 def reference(model, x):
     """Independent ground truth: timm's own intermediate tensors, and an explicit unfused attention."""
     blocks, P = model.blocks, model.num_prefix_tokens
-    got, handles = {"in": [], "branch": None, "post": None, "out": []}, []
+    got, handles = {"in": [], "rope": [], "branch": None, "post": None, "out": []}, []
     for blk in blocks:
-        handles.append(blk.register_forward_pre_hook(lambda m, a: got["in"].append(a[0])))
+        handles.append(blk.register_forward_pre_hook(lambda m, a, k: got["in"].append(a[0]) or
+                                                     got["rope"].append(k.get("rope")), with_kwargs=True))
         handles.append(blk.register_forward_hook(lambda m, a, o: got["out"].append(o)))
     last = blocks[-1]
-    handles.append(last.ls1.register_forward_hook(lambda m, a, o: got.__setitem__("branch", o)))
+    handles.append(last.attn.register_forward_hook(lambda m, a, o: got.__setitem__("branch", layer_scale(last, o))))
     handles.append(last.norm2.register_forward_pre_hook(lambda m, a: got.__setitem__("post", a[0])))
     with torch.no_grad():
         feats = model.forward_features(x)
     for h in handles:
         h.remove()
 
-    def explicit_attention(blk, xin):
+    def explicit_attention(blk, xin, rope):
         a = blk.attn
         B, N, D = xin.shape
-        qkv = a.qkv(blk.norm1(xin)).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        bias = torch.cat((a.q_bias, a.k_bias, a.v_bias)) if getattr(a, "q_bias", None) is not None else a.qkv.bias
+        qkv = torch.nn.functional.linear(blk.norm1(xin), a.qkv.weight, bias)
+        qkv = qkv.reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = a.q_norm(qkv[0]), a.k_norm(qkv[1]), qkv[2]
+        if rope is not None:   # Eva: the patch queries and keys turned, the prefix tokens not
+            q, k = (torch.cat([t[:, :, :P], apply_rot_embed_cat(t[:, :, P:], rope, half=a.rotate_half)], dim=2)
+                    for t in (q, k))
         scores = (q @ k.transpose(-2, -1)) * a.scale
         A = torch.exp(scores - scores.amax(-1, keepdim=True))
         return A / A.sum(-1, keepdim=True), v                         # (B, H, N, N), (B, H, N, hd)
 
     with torch.no_grad():
-        rows = [explicit_attention(b, xi)[0][:, :, 0] for b, xi in zip(blocks, got["in"])]
-        A, v = explicit_attention(last, got["in"][-1])
+        rows = [explicit_attention(b, xi, r)[0][:, :, 0] for b, xi, r in zip(blocks, got["in"], got["rope"])]
+        A, v = explicit_attention(last, got["in"][-1], got["rope"][-1])
         a0 = A[:, :, 0]                                                 # (B, H, N)
         masks = {"cls": slice(0, 1), "reg": slice(1, P), "patch": slice(P, None)}
         vals = {}
@@ -44,7 +58,7 @@ def reference(model, x):
             am[..., sl] = a0[..., sl]
             vals[name] = torch.einsum("bhn,bhnd->bhd", am, v).flatten(1)
         full_val = torch.einsum("bhn,bhnd->bhd", a0, v).flatten(1)
-        manual_branch = last.ls1(last.attn.proj(full_val))
+        manual_branch = layer_scale(last, last.attn.proj(full_val))
     return dict(feats=feats, rows=rows, vals=vals, full_val=full_val, manual_branch=manual_branch, **got)
 
 
@@ -67,8 +81,9 @@ def test_each_projected_part_equals_the_explicit_masked_attention(case):
     last = model.blocks[-1]
     with torch.no_grad():
         for name in PARTS:
-            close(tr[f"attn_out_{name}"], last.ls1(torch.nn.functional.linear(ref["vals"][name], last.attn.proj.weight)))
-        close(tr["attn_out_bias"], last.ls1(last.attn.proj.bias))
+            close(tr[f"attn_out_{name}"], layer_scale(last, torch.nn.functional.linear(ref["vals"][name],
+                                                                                       last.attn.proj.weight)))
+        close(tr["attn_out_bias"], layer_scale(last, last.attn.proj.bias))
 
 
 def test_full_equals_timm_attention_branch(case):
@@ -128,12 +143,13 @@ def test_shapes(case):
     assert tr["attn_mass"].shape == (n, L, H, 3)
     assert tr["cls_layers"].shape == (n, L, D)
     assert tr["prefix_penult"].shape == (n, model.num_prefix_tokens, D)
-    assert (model.num_reg_tokens == 4) == (family == "dinov2_reg4")
+    assert (layout(model).num_registers == 4) == (family in ("dinov2_reg4", "dinov3", "dinov3_qkvb", "dinov3_swiglu"))
 
 
-def test_trace_keeps_fused_attention(monkeypatch):
+@pytest.mark.parametrize("family", ["dinov2_reg4", "dinov3_qkvb"])
+def test_trace_keeps_fused_attention(monkeypatch, family):
     """One fused attention call per block during a trace: the trace never falls back to explicit N x N."""
-    model = tiny("dinov2_reg4", dtype=torch.float32)
+    model = tiny(family, dtype=torch.float32)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -178,3 +194,20 @@ def test_bfloat16_autocast_keeps_the_traces_own_arithmetic_in_float32(family):
         torch.testing.assert_close(tr["attn_out_patch"], (tr["attn_val_patch"] @ a.proj.weight.T) * gamma,
                                    rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(tr["attn_mass"].sum(-1).numpy(), 1.0, atol=1e-6)   # a float32 softmax
+
+
+def test_a_dinov3_model_runs_as_before_after_a_trace():
+    """The trace lets Eva add its qkv bias after the projection while it is attached (so that its hook sees the
+    projection); detached, the model computes as before, and the bf16 check reads Eva's LayerScale."""
+    from regcls.trace import Tracer, amp_agreement
+
+    model = tiny("dinov3_qkvb", dtype=torch.float32)
+    x = images(model, dtype=torch.float32)
+    with torch.no_grad():
+        before = model.forward_features(x)
+        with Tracer(model):
+            assert all(b.attn.qkv_bias_separate for b in model.blocks)
+        assert not any(b.attn.qkv_bias_separate for b in model.blocks)
+        torch.testing.assert_close(model.forward_features(x), before, rtol=0, atol=0)
+    check = amp_agreement(model, x)
+    assert check["identity_fp32"] < 1e-5 and check["identity_bf16"] < 5e-2

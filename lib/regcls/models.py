@@ -33,27 +33,47 @@ class TokenLayout:
 
 
 def layout(model: nn.Module) -> TokenLayout:
-    """Token layout of a (supported) timm VisionTransformer."""
+    """Token layout of a (supported) timm VisionTransformer or Eva (DINOv3): [CLS], registers, patches."""
     attn = model.blocks[-1].attn
-    return TokenLayout(num_prefix=model.num_prefix_tokens, num_registers=model.num_reg_tokens,
+    reg = getattr(model, "reg_token", None)
+    registers = getattr(model, "num_reg_tokens", reg.shape[1] if reg is not None else 0)
+    return TokenLayout(num_prefix=model.num_prefix_tokens, num_registers=registers,
                        grid=tuple(model.patch_embed.grid_size), depth=len(model.blocks),
                        heads=attn.num_heads, dim=model.embed_dim)
 
 
+def layer_scale(block: nn.Module) -> torch.Tensor | None:
+    """The LayerScale of a block's attention branch (D,): timm's ViT keeps it in ``ls1``, Eva in ``gamma_1``;
+    None without one."""
+    if hasattr(block, "ls1"):
+        return getattr(block.ls1, "gamma", None)
+    return getattr(block, "gamma_1", None)
+
+
 def check_supported(model: nn.Module, name: str = "model") -> None:
-    """Refuse, with the reason, anything the trace cannot decompose exactly."""
+    """Refuse, with the reason, anything the trace cannot decompose exactly.
+
+    Supported: timm's ``VisionTransformer`` of pre-norm ``Block`` s with standard ``Attention`` (DINOv2, DeiT III,
+    CLIP, ...), and timm's ``Eva`` of pre-norm ``EvaBlock`` s with a fused ``qkv`` (DINOv3: rotary position
+    embedding on the patch tokens, which changes queries and keys but not values, so the decomposition of the
+    [CLS] output into token parts is unchanged)."""
     from timm.layers import Attention
+    from timm.models.eva import Eva, EvaAttention, EvaBlock
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    if not isinstance(model, VisionTransformer):
-        raise RegclsError(f"{name} is a {type(model).__name__}, not a timm VisionTransformer; "
-                          "the trace needs a ViT with a [CLS] token (e.g. DINOv2, DeiT III, CLIP)")
+    if not isinstance(model, (VisionTransformer, Eva)):
+        raise RegclsError(f"{name} is a {type(model).__name__}, not a timm VisionTransformer or Eva; "
+                          "the trace needs a ViT with a [CLS] token (e.g. DINOv2, DINOv3, DeiT III, CLIP)")
     if model.cls_token is None:
         raise RegclsError(f"{name} has no [CLS] token (class_token=False); the paper's analysis needs one")
+    kinds = (EvaBlock, EvaAttention) if isinstance(model, Eva) else (Block, Attention)
     for i, blk in enumerate(model.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise RegclsError(f"{name} block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; "
-                              "only timm's pre-norm Block with standard Attention is supported")
+        if type(blk) is not kinds[0] or type(blk.attn) is not kinds[1]:
+            raise RegclsError(f"{name} block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; only timm's "
+                              f"pre-norm {kinds[0].__name__} with {kinds[1].__name__} is supported")
+        if getattr(blk.attn, "qkv", True) is None:
+            raise RegclsError(f"{name} block {i} projects queries, keys and values separately; the trace reads "
+                              "them from a fused qkv projection")
     attn = model.blocks[-1].attn
     if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
         raise RegclsError(f"{name} normalises or gates the attention output, so it is not linear in "

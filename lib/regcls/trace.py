@@ -48,7 +48,7 @@ from .env import native_bf16, native_tf32
 from .errors import RegclsError
 from .files import atomic_savez, atomic_write_text, disk_error, output_lock
 from .metrics import cka, mean_pairwise_cosine
-from .models import layout
+from .models import layer_scale, layout
 
 TRACE_SCHEMA = 3
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
@@ -63,19 +63,32 @@ def patch_sample_index(num_patches: int, k: int = N_PATCH_SAMPLE) -> np.ndarray:
     return np.unique(np.linspace(0, num_patches - 1, min(k, num_patches)).round().astype(int))
 
 
-def _cls_row(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cls_row(attn: nn.Module, qkv: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS] query attention of one block from its ``qkv`` output (B, N, 3*H*hd).
 
     Returns the post-softmax row ``a`` (B, H, N) in float32 or wider, and the values ``v`` (B, H, N, hd) as
     computed (bfloat16 under autocast). Only [CLS]'s query and the keys are widened, not the whole ``qkv``.
+    Eva (DINOv3): the q/k/v biases the attention adds after its ``qkv`` projection are added here, and the
+    rotary embedding ``rope`` the block received turns the patch keys as the model turns them (the [CLS] query
+    is a prefix token: it is not turned).
     """
     B, N, _ = qkv.shape
     dtype = torch.promote_types(qkv.dtype, torch.float32)
     qkv = qkv.reshape(B, N, 3, attn.num_heads, attn.head_dim)
-    q = attn.q_norm(qkv[:, 0, 0].to(dtype))                    # (B, H, hd): [CLS]'s query only
-    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2).to(dtype))    # (B, H, N, hd)
+    q = qkv[:, 0, 0].to(dtype)                                 # (B, H, hd): [CLS]'s query only
+    k = qkv[:, :, 1].transpose(1, 2).to(dtype)                 # (B, H, N, hd)
+    v = qkv[:, :, 2].transpose(1, 2)
+    if getattr(attn, "q_bias", None) is not None:              # Eva with qkv bias: added outside the projection
+        b = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).reshape(3, attn.num_heads, attn.head_dim)
+        q, k, v = q + b[0].to(dtype), k + b[1, :, None].to(dtype), v + b[2, :, None].to(v.dtype)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        from timm.layers.pos_embed_sincos import apply_rot_embed_cat   # what EvaAttention applies
+
+        P = attn.num_prefix_tokens
+        k = torch.cat([k[:, :, :P], apply_rot_embed_cat(k[:, :, P:], rope, half=attn.rotate_half).to(dtype)], dim=2)
     scores = torch.einsum("bhd,bhnd->bhn", q * attn.scale, k)  # (B, H, N)
-    return scores.softmax(dim=-1), qkv[:, :, 2].transpose(1, 2)
+    return scores.softmax(dim=-1), v
 
 
 def _split(a: torch.Tensor, P: int) -> list[torch.Tensor]:
@@ -110,6 +123,13 @@ class Tracer:
         cls_layers: list = [None] * len(blocks)
         self._mass, self._layers = mass, cls_layers
 
+        ropes: list = [None] * len(blocks)
+
+        def on_attn_in(i):   # Eva: the rotary embedding the block hands its attention
+            def hook(_mod, _args, kwargs):
+                ropes[i] = kwargs.get("rope")
+            return hook
+
         def on_qkv(i):
             def hook(_mod, _inp, qkv):
                 with torch.autocast(qkv.device.type, enabled=False):  # the trace's own arithmetic in float32
@@ -117,7 +137,7 @@ class Tracer:
             return hook
 
         def record(i, qkv):
-            a, v = _cls_row(blocks[i].attn, qkv)
+            a, v = _cls_row(blocks[i].attn, qkv, ropes[i])
             mass[i] = torch.stack([p.sum(-1) for p in _split(a, P)], dim=-1)  # (B, H, 3)
             if i == last:
                 self.rec["cls_attn"] = a
@@ -144,9 +164,16 @@ class Tracer:
         def on_last_norm1(_mod, _inp, out):
             self.rec["prefix_penult_ln"] = out[:, :P].clone()
 
+        self._separate = []
         for i, blk in enumerate(blocks):
             self.handles.append(blk.attn.qkv.register_forward_hook(on_qkv(i)))
             self.handles.append(blk.register_forward_hook(on_block(i)))
+            if hasattr(blk.attn, "qkv_bias_separate"):   # Eva
+                self.handles.append(blk.attn.register_forward_pre_hook(on_attn_in(i), with_kwargs=True))
+                # with a qkv bias Eva calls F.linear, not its qkv module; adding the bias after the module (the
+                # same sum) lets the hook see every block's qkv
+                self._separate.append((blk.attn, blk.attn.qkv_bias_separate))
+                blk.attn.qkv_bias_separate = True
         self.handles.append(blocks[last].register_forward_pre_hook(on_last_in))
         self.handles.append(blocks[last].norm1.register_forward_hook(on_last_norm1))
         return self
@@ -156,6 +183,9 @@ class Tracer:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        for attn, separate in getattr(self, "_separate", []):
+            attn.qkv_bias_separate = separate
+        self._separate = []
 
     @torch.inference_mode()
     def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,7 +206,8 @@ class Tracer:
         last = self.model.blocks[-1]
         weight, bias = last.attn.proj.weight, last.attn.proj.bias
         dtype = rec["attn_val_cls"].dtype
-        gamma = last.ls1.gamma.to(dtype) if hasattr(last.ls1, "gamma") else None  # pragma: no mutate (equivalent in float32, on the CPU)
+        gamma = layer_scale(last)
+        gamma = gamma.to(dtype) if gamma is not None else None  # pragma: no mutate (equivalent in float32, on the CPU)
 
         def out(x):  # output projection without bias, then LayerScale: linear in the parts
             y = x @ weight.to(dtype).T  # pragma: no mutate (equivalent in float32, on the CPU)
@@ -219,6 +250,16 @@ def precision_mode(device: str, mode: str = "fp32"):
             f.fp32_precision = v
 
 
+def _hook_branch(block: nn.Module, store: dict):
+    """Record ``store["branch"]``: the block's attention branch as the model computes it, [CLS] row (B, D), after
+    the LayerScale (timm's ViT: the output of ``ls1``; Eva: its attention's output times ``gamma_1``)."""
+    if hasattr(block, "ls1"):
+        return block.ls1.register_forward_hook(lambda m, i, o: store.__setitem__("branch", o[:, 0].float()))
+    g = layer_scale(block)
+    return block.attn.register_forward_hook(
+        lambda m, i, o: store.__setitem__("branch", (o[:, 0] * g if g is not None else o[:, 0]).float()))
+
+
 def amp_agreement(model: nn.Module, x: torch.Tensor, mode: str = "bf16") -> dict:
     """A lower precision (``mode``: bfloat16 autocast, or TF32 matrix products) against full float32 on the same
     images (B, 3, S, S), B >= 2.
@@ -235,7 +276,7 @@ def amp_agreement(model: nn.Module, x: torch.Tensor, mode: str = "bf16") -> dict
     :data:`AMP_TOLERANCE`.
     """
     own = {}
-    hook = model.blocks[-1].ls1.register_forward_hook(lambda m, i, o: own.__setitem__("branch", o[:, 0].float()))
+    hook = _hook_branch(model.blocks[-1], own)
     try:
         with Tracer(model) as tracer, torch.inference_mode():
             with precision_mode(str(x.device), "fp32"):   # the reference in full float32 (no TF32 convolutions)
