@@ -49,8 +49,8 @@ IMAGENET_PER_CLASS = 2          # generated images in each of the 1,000 ImageNet
 # ------------------------------------------------------------------------------------------ hub
 
 def hub_specs(profile) -> list:
-    """Every model of the profile that loads from the hub (DINOv2 and the appendix's timm models)."""
-    specs = list(profile.models) + [m for _, ms in profile.appendix for m in ms]
+    """Every model of the profile that loads from the hub (DINOv2, the appendix's timm models and DINOv3)."""
+    specs = list(profile.models) + [m for _, ms in profile.appendix for m in ms] + list(profile.dinov3)
     return [m for m in specs if m.weights == "hub"]
 
 
@@ -60,7 +60,7 @@ def _random_tensor(key: str, shape: tuple, gen) -> "torch.Tensor":
 
     last = key.rsplit(".", 1)[-1]
     noise = torch.randn(shape, generator=gen)
-    if last == "gamma" or key.endswith(".ls1.scale") or key.endswith(".ls2.scale"):
+    if last in ("gamma", "gamma_1", "gamma_2") or key.endswith(".ls1.scale") or key.endswith(".ls2.scale"):
         return noise.mul_(0.02).add_(0.1)
     if last == "bias":
         return noise.mul_(0.02)

@@ -108,3 +108,30 @@ def test_attention_maps_hold_the_patch_share(tr):
         maps = M.attention_maps(t)
         assert maps.shape[1:] == tuple(int(v) for v in t["grid"])
         np.testing.assert_allclose(maps.sum(axis=(1, 2)), M.shares(t)["patch"], rtol=1e-4)
+
+
+def test_the_dinov3_stand_ins_are_planted_like_the_dinov2_ones(smoke):
+    """The same planted kinds on timm's Eva (DINOv3's layout: rotary embedding, gamma_1 LayerScale, q_bias): the
+    register reader attends to its registers and its register-only output carries the [CLS] output; the patch
+    integrator attends to its patches."""
+    v3 = {m.size: m for m in smoke.dinov3}
+    reader = get_trace(v3["H+"], smoke.dataset, img_size=smoke.img_size, progress=False)
+    integrator = get_trace(v3["S"], smoke.dataset, img_size=smoke.img_size, progress=False)
+    assert v3["H+"].weights == "planted:register_reader" and v3["S"].weights == "planted:patch_integrator"
+    assert M.shares(reader)["reg"].min() > 0.95
+    assert M.shares(integrator)["patch"].min() > 0.9
+    k = M.knockout(reader, level="val")
+    assert M.cka(k["full"], k["reg"]) > 0.95 > M.cka(k["full"], k["patch"]) + 0.1
+
+
+def test_a_register_reader_needs_a_query_bias():
+    import timm
+
+    from regcls.errors import RegclsError
+    from regcls.planted import plant
+
+    model = timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=32, num_classes=0,
+                              embed_dim=24, depth=2, num_heads=2)   # DINOv3 without qkv bias
+    with pytest.raises(RegclsError, match="register_reader needs a query bias"):
+        plant(model, "register_reader")
+    plant(model, "patch_integrator")   # the other kinds need none

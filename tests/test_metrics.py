@@ -117,6 +117,9 @@ def test_shares_add_to_one_and_knockout_adds_up():
     np.testing.assert_allclose(shares(t, layer=0)["cls"], 1.0)
     k = knockout(t)
     np.testing.assert_allclose(k["cls"] + k["reg"] + k["patch"] - 2 * t["attn_out_bias"], k["full"])
+    from regcls.metrics import register_share
+    np.testing.assert_allclose(register_share(t), 0.3 / 0.8)                   # over registers + patches
+    np.testing.assert_allclose(register_share(t, drop_cls_self=False), 0.3)
 
 
 def test_renormalised_knockout_divides_each_head_by_its_mass():
@@ -338,6 +341,21 @@ def test_penultimate_cosine_integration_depth_and_the_skip_patch_ratio():
     t["skip"] = rng.normal(size=t["attn_out_full"].shape)
     np.testing.assert_allclose(skip_patch_ratio(t), np.linalg.norm(t["skip"], axis=1)
                                / np.linalg.norm(t["attn_out_patch"], axis=1))
+
+
+def test_oneshot_knockout_trains_on_the_unaltered_output_and_tests_each_part_per_seed():
+    from regcls.metrics import oneshot, oneshot_knockout, oneshot_split
+    t = fake_trace(n=12, D=6)
+    t["labels"] = np.repeat(np.arange(4), 3)
+    got = oneshot_knockout(t, seeds=(0, 1), k=1, classifier="ncm", level="val")
+    k = knockout(t, level="val")
+    for i, seed in enumerate((0, 1)):
+        a, b = oneshot_split(t["labels"], seed)
+        want = oneshot(k["full"][a], t["labels"][a], {p: k[p][b] for p in ("full", "patch", "reg")}, t["labels"][b],
+                       classifier="ncm", k=1)
+        for p in ("full", "patch", "reg"):
+            assert got[p][i] == want[p]
+    assert set(got) == {"full", "patch", "reg"} and got["full"].shape == (2,)
 
 
 def test_top_dims_are_the_largest_mean_absolute_dimensions():

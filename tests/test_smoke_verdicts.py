@@ -49,6 +49,9 @@ EXPECTED = {
                                                            "integrates at the last block"),
     ("App.", "CLIP mirrors DINOv2 layer-wise"): (False, "the CLIP stand-ins are random-initialised"),
     ("App.", "iBOT mirrors DINOv2 layer-wise"): True,
+    ("Beyond", "DINOv3: larger models attend more to their registers"): True,
+    ("Beyond", "DINOv3: at the largest size the register-only output"): True,
+    ("Beyond", "DINOv3: at the largest size the patch-based output is far"): True,
 }
 
 
@@ -63,7 +66,7 @@ def rows():
         from test_profile_shapes import run_notebook
         for name in ("sec3_1_register_attention.ipynb", "sec3_2_register_norms.ipynb",
                      "sec3_3_register_knockout.ipynb", "sec3_4_attention_maps.ipynb",
-                     "sec4_1_skip_connection.ipynb", "appendix_other_recipes.ipynb"):
+                     "sec4_1_skip_connection.ipynb", "appendix_other_recipes.ipynb", "beyond_dinov3.ipynb"):
             run_notebook(name)
         checks = collect("smoke")
     return checks

@@ -131,9 +131,11 @@ def trace_for(profile: Profile, spec: ModelSpec, dataset: str | None = None, img
 
 
 def profile_traces(profile: Profile, registers: bool, dataset: str | None = None, img_size: int | None = None,
-                   progress: bool = True, crop_pct: float | None = None) -> dict[str, dict]:
-    """Traces of every model of ``profile`` with (or without) registers, keyed by size ("S", ... "g")."""
-    return {m.size: trace_for(profile, m, dataset, img_size, progress, crop_pct) for m in profile.models_with(registers)}
+                   progress: bool = True, crop_pct: float | None = None, specs=None) -> dict[str, dict]:
+    """Traces of every DINOv2 model of ``profile`` with (or without) registers, keyed by size ("S", ... "g"); or of
+    ``specs`` (e.g. ``profile.dinov3``), keyed by their sizes."""
+    models = profile.models_with(registers) if specs is None else list(specs)
+    return {m.size: trace_for(profile, m, dataset, img_size, progress, crop_pct) for m in models}
 
 
 class Job(NamedTuple):
@@ -148,10 +150,14 @@ class Job(NamedTuple):
 def workload(profile: Profile) -> list[Job]:
     """Every trace the chapters read on ``profile``, each once: both model series on the unlabelled set, the
     models with registers on the labelled set, at the other resolution and with the other preprocessing, the
-    models without registers at the other resolution (Sec. 4.1's sensitivity), and the appendix families."""
+    models without registers at the other resolution (Sec. 4.1's sensitivity), the appendix families, and DINOv3
+    (beyond the paper) on both sets, also at its own input size."""
     jobs = [Job(m, profile.dataset, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
     jobs += [Job(m, profile.labelled, profile.img_size) for m in profile.models_with(True)]
     jobs += [Job(m, profile.dataset, profile.alt_img_size) for reg in (True, False) for m in profile.models_with(reg)]
     jobs += [Job(m, profile.dataset, profile.img_size, profile.alt_crop_pct) for m in profile.models_with(True)]
     jobs += [Job(m, profile.dataset, profile.img_size) for _, models in profile.appendix for m in models]
+    jobs += [Job(m, ds, px) for m in profile.dinov3 for ds, px in ((profile.dataset, profile.img_size),
+                                                                 (profile.dataset, profile.dinov3_img_size),
+                                                                 (profile.labelled, profile.img_size))]
     return jobs

@@ -23,6 +23,13 @@ def shares(trace: dict, layer: int = -1) -> dict[str, np.ndarray]:
     return {name: mass[:, i] for name, i in PART_INDEX.items()}
 
 
+def register_share(trace: dict, drop_cls_self: bool = True, layer: int = -1) -> np.ndarray:
+    """Sec. 3.1, per image (n,): the [CLS] attention share of the registers at ``layer``, averaged over heads; with
+    ``drop_cls_self`` renormalised over registers and patches (the paper's shares add to one without [CLS]-self)."""
+    s = shares(trace, layer=layer)
+    return s["reg"] / (s["reg"] + s["patch"]) if drop_cls_self else s["reg"]
+
+
 RENORM_FLOOR = 1e-3  # a head that keeps less of its attention than this is not renormalised (it would divide by ~0)
 
 
@@ -330,6 +337,19 @@ def topk_accuracy(scores: np.ndarray, classes: np.ndarray, y: np.ndarray, k: int
     k = min(k, scores.shape[1])
     top = classes[np.argsort(scores, axis=1)[:, ::-1][:, :k]]
     return float((top == y[:, None]).any(axis=1).mean())
+
+
+def oneshot_knockout(trace: dict, seeds, k: int, classifier: str = "logreg", **knockout_options) -> dict[str, np.ndarray]:
+    """Sec. 3.3's one-shot test of a labelled trace, per sampling seed: trained on one unaltered output per class,
+    tested on another image's unaltered, patch-only and register-only output (:func:`knockout` with
+    ``knockout_options``). Returns ``{"full", "patch", "reg"}``, each the top-``k`` accuracy per seed (seeds,)."""
+    ko, y = knockout(trace, **knockout_options), trace["labels"]
+    runs = []
+    for seed in seeds:
+        a, b = oneshot_split(y, seed)
+        runs.append(oneshot(ko["full"][a], y[a], {p: ko[p][b] for p in ("full", "patch", "reg")}, y[b],
+                            classifier=classifier, k=k))
+    return {p: np.array([r[p] for r in runs]) for p in ("full", "patch", "reg")}
 
 
 def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarray], test_y: np.ndarray,

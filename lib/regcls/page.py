@@ -34,9 +34,10 @@ class Chapter:
         display(banner(self.profile))
 
     def traces(self, registers: bool = True, dataset: str | None = None, img_size: int | None = None,
-               crop_pct: float | None = None) -> dict[str, dict]:
-        """The profile's traces of the DINOv2 models with (or without) registers, keyed by size."""
-        return profile_traces(self.profile, registers, dataset, img_size, crop_pct=crop_pct)
+               crop_pct: float | None = None, specs=None) -> dict[str, dict]:
+        """The profile's traces of the DINOv2 models with (or without) registers, keyed by size; or of ``specs``
+        (e.g. ``profile.dinov3``)."""
+        return profile_traces(self.profile, registers, dataset, img_size, crop_pct=crop_pct, specs=specs)
 
     def glue(self, **values) -> None:
         """Numbers (and words) the prose cites with ``{glue:text}`NAME```."""

@@ -64,18 +64,35 @@ def _reinit(model: nn.Module, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
+def _scales(blk: nn.Module) -> tuple:
+    """A block's LayerScale of the attention and the MLP branch: timm's ViT (``ls1``/``ls2``) or Eva, DINOv3's
+    layout (``gamma_1``/``gamma_2``); ``(None, None)`` without LayerScale."""
+    if hasattr(blk, "ls1"):
+        return getattr(blk.ls1, "gamma", None), getattr(blk.ls2, "gamma", None)
+    return getattr(blk, "gamma_1", None), getattr(blk, "gamma_2", None)
+
+
 def _layerscale(model: nn.Module, attn: list[float], mlp: list[float]) -> None:
     for blk, a, m in zip(model.blocks, attn, mlp):
-        blk.ls1.gamma.fill_(a)
-        blk.ls2.gamma.fill_(m)
+        g1, g2 = _scales(blk)
+        g1.fill_(a)
+        g2.fill_(m)
+
+
+def _query_bias(attn: nn.Module) -> torch.Tensor | None:
+    """The bias of the queries (H*hd,): the first third of timm's qkv bias, or Eva's ``q_bias``; None without."""
+    if getattr(attn, "q_bias", None) is not None:
+        return attn.q_bias
+    return attn.qkv.bias[: attn.qkv.weight.shape[1]] if attn.qkv.bias is not None else None
 
 
 def plant(model: nn.Module, kind: str) -> nn.Module:
-    """Set the weights of a timm DINOv2-style ViT (with LayerScale) to a planted control, in place."""
+    """Set the weights of a timm DINOv2-style ViT or a DINOv3-style Eva (with LayerScale) to a planted control,
+    in place."""
     if kind not in KINDS:
         raise RegclsError(f"unknown planted kind {kind!r}; known: {', '.join(KINDS)}")
-    if not hasattr(model.blocks[0].ls1, "gamma"):
-        raise RegclsError("planted models need LayerScale (a DINOv2-style ViT)")
+    if _scales(model.blocks[0])[0] is None:
+        raise RegclsError("planted models need LayerScale (a DINOv2- or DINOv3-style ViT)")
     gen = torch.Generator().manual_seed(SEEDS[kind])
     L, D = len(model.blocks), model.embed_dim
     last = model.blocks[-1]
@@ -90,8 +107,11 @@ def plant(model: nn.Module, kind: str) -> nn.Module:
             _layerscale(model, decay[:-1] + [0.002], decay[:-1] + [0.002])
             _position_only_values(model, D)
         elif kind == "register_reader":
-            if model.num_reg_tokens < HIGH + 1:
+            reg = getattr(model, "reg_token", None)
+            if reg is None or reg.shape[1] < HIGH + 1:
                 raise RegclsError("register_reader needs at least 3 registers")
+            if _query_bias(last.attn) is None:
+                raise RegclsError("register_reader needs a query bias (for DINOv3, the _qkvb models)")
             _plant_register_reader(model, L, D)
     return model.eval()
 
@@ -127,7 +147,8 @@ def _plant_register_reader(model: nn.Module, L: int, D: int) -> None:
     _layerscale(model, [0.3] * (L - 1) + [4.0], [0.3] * (L - 1) + [0.05])
     # Nothing but the registers carries the reserved dimensions, and no block writes into them.
     for p in (model.cls_token, model.pos_embed):
-        p[..., reserved] = 0.0
+        if p is not None:   # DINOv3 has no absolute position embedding (rotary only)
+            p[..., reserved] = 0.0
     model.patch_embed.proj.weight[reserved] = 0.0
     model.reg_token[..., reserved] = 0.0
     model.reg_token[..., E] = 3.0
@@ -140,6 +161,6 @@ def _plant_register_reader(model: nn.Module, L: int, D: int) -> None:
     qkv = last.attn.qkv
     H, hd = last.attn.num_heads, last.attn.head_dim
     qkv.weight[: 2 * D].zero_()                      # queries and keys: rebuilt below
-    qkv.bias[:D] = Q_READ * D                        # constant [CLS] (and every) query
+    _query_bias(last.attn)[:] = Q_READ * D           # constant [CLS] (and every) query
     for h in range(H):                               # every key coordinate of every head reads the marker
         qkv.weight[D + h * hd: D + (h + 1) * hd, E] = 1.0

@@ -6,9 +6,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .profiles import SIZES
+from .profiles import ORDER
 
-PALETTE = {"S": "#9ecae1", "B": "#4292c6", "L": "#08519c", "g": "#08306b"}
+PALETTE = {"S": "#9ecae1", "S+": "#6baed6", "B": "#4292c6", "L": "#08519c", "H+": "#08458a", "g": "#08306b"}
 PART_COLORS = {"cls": "#7f7f7f", "reg": "#d62728", "patch": "#1f77b4", "skip": "#2ca02c"}
 PART_NAMES = {"cls": "[CLS] (self)", "reg": "registers", "patch": "patches", "skip": "skip (residual)"}
 
@@ -28,8 +28,8 @@ def size_label(size: str, registers: bool | None = None) -> str:
 
 
 def order(sizes) -> list[str]:
-    """Sizes in the paper's order."""
-    return [s for s in SIZES if s in sizes]
+    """Sizes in the paper's order (DINOv3's S+ and H+ in theirs, by parameters)."""
+    return [s for s in ORDER if s in sizes]
 
 
 def strip_by_size(ax, values: dict[str, np.ndarray], ylabel: str, registers: bool | None = None) -> None:

@@ -19,6 +19,9 @@ from .errors import RegclsError
 
 SIZES = ("S", "B", "L", "g")  # the paper's order
 SIZE_NAMES = {"S": "small", "B": "base", "L": "large", "g": "giant"}
+DINOV3_NAMES = {"S": "small", "S+": "small_plus", "B": "base", "L": "large", "H+": "huge_plus"}
+ORDER = ("S", "S+", "B", "L", "H+", "g")   # every size of both series, smallest to largest (parameters)
+MATCHED = {"S": "S", "B": "B", "L": "L", "H+": "g"}   # DINOv3 size -> the DINOv2 size it is compared with
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,13 @@ class ModelSpec:
 
     @property
     def registers(self) -> bool:
-        return "reg" in self.arch
+        return "reg" in self.arch or "dinov3" in self.arch   # every DINOv3 has four registers
 
     @property
     def label(self) -> str:
-        """Short label for figures: ``L+reg`` or ``L``."""
+        """Short label for figures: ``L+reg`` or ``L`` (DINOv2), ``H+ v3`` (DINOv3, which always has registers)."""
+        if "dinov3" in self.arch:
+            return f"{self.size} v3"
         return self.size + ("+reg" if self.registers else "")
 
     def describe(self) -> dict:
@@ -72,6 +77,8 @@ class Profile:
     alt_img_size: int = 518    # the other resolution of the open choice "224 vs 518 px"
     alt_crop_pct: float = 0.875  # the other preprocessing: resize to 256, crop 224 (Hugging Face's processor)
     appendix: tuple[tuple[str, tuple[ModelSpec, ...]], ...] = ()  # (family, models small to large)
+    dinov3: tuple[ModelSpec, ...] = ()   # "Beyond the paper": DINOv3, small to large
+    dinov3_img_size: int = 256           # DINOv3's own input size (its chapter also runs at img_size)
     oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     labelled_classes: int | None = None  # the first classes of ``labelled`` (None = all)
     note: str = ""
@@ -116,6 +123,12 @@ def dinov2(size: str, registers: bool) -> ModelSpec:
     return ModelSpec(size=size, arch=arch, tag="lvd142m", weights="hub")
 
 
+def dinov3(size: str) -> ModelSpec:
+    """The public DINOv3 checkpoint of one size (timm's copy, no login): patch 16, four registers, rotary
+    position embedding."""
+    return ModelSpec(size=size, arch=f"vit_{DINOV3_NAMES[size]}_patch16_dinov3", tag="lvd1689m", weights="hub")
+
+
 # Tiny stand-ins with the DINOv2 architecture: same token layout, LayerScale, patch 14, giant keeps SwiGLU.
 # The "large" sizes are planted positive controls and the "small" sizes negative controls (regcls.planted).
 SMOKE_SIZES = {
@@ -158,6 +171,14 @@ SMOKE_APPENDIX = (
     ("iBOT", (_tiny("S", "vit_small_patch16_224", "random:0", embed_dim=48, depth=4, num_heads=3),
               _tiny("L", "vit_large_patch16_224", "random:0", embed_dim=96, depth=6, num_heads=4))),
 )
+# Tiny stand-ins in the DINOv3 layout (timm's Eva: patch 16, rotary embedding, four registers; the _qkvb models,
+# whose query bias the register reader needs; H+ keeps SwiGLU), planted in the pattern of the DINOv2 stand-ins.
+SMOKE_DINOV3 = (
+    _tiny("S", "vit_small_patch16_dinov3_qkvb", "planted:patch_integrator", embed_dim=48, depth=4, num_heads=3),
+    _tiny("B", "vit_base_patch16_dinov3_qkvb", "planted:patch_integrator", embed_dim=64, depth=4, num_heads=4),
+    _tiny("L", "vit_large_patch16_dinov3_qkvb", "planted:register_reader", embed_dim=96, depth=6, num_heads=4),
+    _tiny("H+", "vit_huge_plus_patch16_dinov3_qkvb", "planted:register_reader", embed_dim=128, depth=8, num_heads=4),
+)
 PAPER_APPENDIX = (
     ("DeiT III", tuple(ModelSpec(s, f"deit3_{n}_patch{p}_224", "fb_in22k_ft_in1k")
                        for s, n, p in (("S", "small", 16), ("B", "base", 16), ("L", "large", 16), ("H", "huge", 14)))),
@@ -178,24 +199,26 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", models=_all(smoke_model), dataset="samples", limit=None,
         labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16, device="cpu", alt_img_size=224,
-        appendix=SMOKE_APPENDIX,
+        appendix=SMOKE_APPENDIX, dinov3=SMOKE_DINOV3, dinov3_img_size=128,
         note="tiny planted-control ViTs on images shipped with installed packages"),
     "laptop": Profile(
         name="laptop", models=tuple(dinov2(s, r) for r in (True, False) for s in ("S", "B")),
         dataset="coco-val2017", limit=300, labelled="imagenetv2", labelled_limit=1000, labelled_classes=100,
         img_size=224, batch_size=None, device="auto", appendix=tuple((f, m[:2]) for f, m in PAPER_APPENDIX),
+        dinov3=(dinov3("S"), dinov3("B")),
         note="real DINOv2 small and base on 300 COCO val2017 images (ImageNetV2: 100 classes, 10 images each)"),
     "paper": Profile(
         name="paper", models=_all(dinov2), dataset="coco-val2017", limit=None,
         labelled="imagenetv2", labelled_limit=None, img_size=224, batch_size=None, device="cuda",
-        appendix=PAPER_APPENDIX, note="real DINOv2 S/B/L/g on all 5,000 COCO val2017 images and ImageNetV2"),
+        appendix=PAPER_APPENDIX, dinov3=tuple(dinov3(s) for s in DINOV3_NAMES),
+        note="real DINOv2 S/B/L/g on all 5,000 COCO val2017 images and ImageNetV2"),
 }
 # The smoke models in the shape of ``laptop`` (S and B only; one model of each appendix family, fewer than any
 # family has on ``laptop``):
 # the tests run every chapter on it, so a chapter that indexes a size a profile lacks fails in seconds.
 PROFILES["smoke-laptop"] = replace(
     PROFILES["smoke"], name="smoke-laptop", models=tuple(m for m in PROFILES["smoke"].models if m.size in ("S", "B")),
-    appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX),
+    appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX), dinov3=SMOKE_DINOV3[:2],
     note="the smoke profile's S and B models only, shaped like the laptop profile (for tests)")
 
 
