@@ -136,6 +136,7 @@ def test_cli_trace_end_to_end(tmp_path):
     for key in ("model", "weights", "dataset", "img_size", "n_images", "regcls_version", "grid"):
         assert key in meta
     assert meta["num_registers"] == 4 and meta["grid"] == [4, 4] and meta["n_images"] == 5
+    assert (tr.num_prefix, tr.num_registers, tr.grid, tr.n_images, tr.meta) == (5, 4, (4, 4), 5, meta)
     assert not (tmp_path / "t.npz.parts").exists()
 
 

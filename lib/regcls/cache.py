@@ -99,8 +99,8 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
         return _loaded(load_trace(path))
 
 
-# The precision of every trace this process has read (model and setting -> its precision label, with the checks that decided it), for the
-# line at the end of each chapter (regcls.page.finish).
+# The precision of every trace this process has read (model and setting -> its precision label, with the checks
+# that decided it), for the line at the end of each chapter (regcls.page.finish).
 PRECISIONS: dict[str, str] = {}
 
 

@@ -339,8 +339,35 @@ def save_trace(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> N
     atomic_savez(path, out)
 
 
-def load_trace(path: str | Path, meta_only: bool = False) -> dict:
-    """Read a trace into a dict of arrays; ``meta`` holds the metadata as plain Python.
+class Trace(dict):
+    """A trace as :func:`load_trace` reads it: the arrays by name (``tr["cls_attn"]``, (n, H, N)), ``tr["meta"]``
+    (plain Python), and the token layout and image count as properties."""
+
+    @property
+    def meta(self) -> dict:
+        return self["meta"]
+
+    @property
+    def num_prefix(self) -> int:
+        """P = 1 + registers: the patches start at token P."""
+        return int(self["meta"]["num_prefix_tokens"])
+
+    @property
+    def num_registers(self) -> int:
+        return int(self["meta"]["num_registers"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid."""
+        return tuple(int(v) for v in self["meta"]["grid"])
+
+    @property
+    def n_images(self) -> int:
+        return int(self["meta"].get("n_images", len(self.get("image_ids", ()))))
+
+
+def load_trace(path: str | Path, meta_only: bool = False) -> Trace:
+    """Read a trace: a :class:`Trace` of arrays; ``meta`` holds the metadata as plain Python.
 
     ``meta_only`` reads just the metadata (the arrays of a large trace stay on disk)."""
     path = Path(path)
@@ -352,7 +379,7 @@ def load_trace(path: str | Path, meta_only: bool = False) -> dict:
     if tr["meta"].get("trace_schema") != TRACE_SCHEMA:
         raise RegclsError(f"trace {path} has schema {tr['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}; "
                           "delete it to recompute")
-    return tr
+    return Trace(tr)
 
 
 def check_trace(tr: dict, key: str | None = None) -> dict:
