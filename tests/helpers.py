@@ -2,9 +2,12 @@
 import timm
 import torch
 
-from regcls.planted import _reinit
+from regcls.planted import _reinit, layer_scales
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, num_classes=0)
+# ``regcls trace`` of a tiny random DINOv2-style model at 56 px (the command-line tests)
+TINY_CLI = ["--model", "vit_small_patch14_reg4_dinov2", "--random", "--set", "embed_dim=48", "--set", "depth=2",
+            "--set", "num_heads=3", "--img-size", "56", "--quiet"]
 FAMILIES = {  # name -> (timm arch, overrides)
     "dinov2_reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=56)),
     "dinov2": ("vit_small_patch14_dinov2", dict(img_size=56)),
@@ -25,12 +28,9 @@ def tiny(family: str, seed: int = 0, dtype=torch.float64):
     with torch.no_grad():
         _reinit(model, torch.Generator().manual_seed(seed))
         for blk in model.blocks:
-            if hasattr(blk, "ls1") and hasattr(blk.ls1, "gamma"):
-                blk.ls1.gamma.uniform_(0.2, 1.0)
-                blk.ls2.gamma.uniform_(0.2, 1.0)
-            if getattr(blk, "gamma_1", None) is not None:   # Eva
-                blk.gamma_1.uniform_(0.2, 1.0)
-                blk.gamma_2.uniform_(0.2, 1.0)
+            for gamma in layer_scales(blk):   # timm's ViT (ls1, ls2) or Eva (gamma_1, gamma_2)
+                if gamma is not None:
+                    gamma.uniform_(0.2, 1.0)
             if blk.attn.qkv.bias is not None:
                 blk.attn.qkv.bias.normal_(0, 0.1)
             if getattr(blk.attn, "q_bias", None) is not None:   # Eva's biases, added after the projection

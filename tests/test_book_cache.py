@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from regcls.cache import LIB_ROOT, prepare_build
+from regcls.cache import prepare_build
+from regcls.files import LIB_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.notebook]
 JUPYTER_BOOK = Path(sys.executable).with_name("jupyter-book")

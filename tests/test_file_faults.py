@@ -9,12 +9,11 @@ import warnings
 import numpy as np
 import pytest
 
-from helpers import random_png_folder
+from helpers import TINY_CLI, random_png_folder
 from regcls import cli, files
 from regcls.profiles import PROFILES
 
-ARGS = ["trace", "--model", "vit_small_patch14_reg4_dinov2", "--random", "--set", "embed_dim=48", "--set", "depth=2",
-        "--set", "num_heads=3", "--img-size", "56", "--quiet", "--batch-size", "2"]
+ARGS = ["trace", *TINY_CLI, "--batch-size", "2"]
 SMOKE = PROFILES["smoke"]
 
 

@@ -117,9 +117,11 @@ def test_shares_add_to_one_and_knockout_adds_up():
     np.testing.assert_allclose(shares(t, layer=0)["cls"], 1.0)
     k = knockout(t)
     np.testing.assert_allclose(k["cls"] + k["reg"] + k["patch"] - 2 * t["attn_out_bias"], k["full"])
-    from regcls.metrics import register_share
-    np.testing.assert_allclose(register_share(t), 0.3 / 0.8)                   # over registers + patches
-    np.testing.assert_allclose(register_share(t, drop_cls_self=False), 0.3)
+    from regcls.metrics import part_share
+    np.testing.assert_allclose(part_share(t), 0.3 / 0.8)                   # over registers + patches
+    np.testing.assert_allclose(part_share(t, drop_cls_self=False), 0.3)
+    np.testing.assert_allclose(part_share(t, "patch"), 0.5 / 0.8)
+    np.testing.assert_allclose(part_share(t, "patch", drop_cls_self=False, layer=0), 0.0)
 
 
 def test_renormalised_knockout_divides_each_head_by_its_mass():
@@ -356,6 +358,16 @@ def test_oneshot_knockout_trains_on_the_unaltered_output_and_tests_each_part_per
         for p in ("full", "patch", "reg"):
             assert got[p][i] == want[p]
     assert set(got) == {"full", "patch", "reg"} and got["full"].shape == (2,)
+
+
+def test_knockout_cka_is_the_cka_interval_of_each_part_with_the_unaltered_output():
+    from regcls.metrics import knockout_cka
+    k = knockout(fake_trace(n=20), level="val")
+    got = knockout_cka(k, n_boot=50)
+    assert set(got) == {"patch", "reg"}
+    for p in ("patch", "reg"):
+        assert got[p] == cka_interval(k["full"], k[p], n_boot=50)
+    assert knockout_cka(k, n_boot=0, debiased=True)["patch"].value == cka(k["full"], k["patch"], debiased=True)
 
 
 def test_top_dims_are_the_largest_mean_absolute_dimensions():

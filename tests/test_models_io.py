@@ -202,14 +202,14 @@ def test_a_change_in_the_code_that_makes_a_trace_changes_its_cache_key(tmp_path,
     lib = tmp_path / "regcls"
     shutil.copytree(files.LIB_ROOT, lib)
     monkeypatch.setattr(files, "LIB_ROOT", lib)
-    before = {names: cache.source_digest(names) for names in (cache.TRACE_SOURCES, cache.STORE_SOURCES)}
+    before = {names: files.source_digest(names) for names in (files.TRACE_SOURCES, files.STORE_SOURCES)}
     for name in ("trace.py", "planted.py", "models.py", "data.py"):
         with open(lib / name, "a") as f:
             f.write("\n# a fix\n")
-        after = cache.source_digest()
-        assert after != before[cache.TRACE_SOURCES], name
-        before[cache.TRACE_SOURCES] = after
-    assert cache.source_digest(cache.STORE_SOURCES) != before[cache.STORE_SOURCES]
+        after = files.source_digest()
+        assert after != before[files.TRACE_SOURCES], name
+        before[files.TRACE_SOURCES] = after
+    assert files.source_digest(files.STORE_SOURCES) != before[files.STORE_SOURCES]
     # and the keys use it: the same request lands in another file
     smoke = PROFILES["smoke"]
     spec = smoke.model("S", True)

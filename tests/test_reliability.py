@@ -14,13 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import random_png_folder
+from helpers import TINY_CLI, random_png_folder
 
 from regcls.data import Geometry, decode_images, list_images, load_rgb
 from regcls.errors import RegclsError
 
-ARCH_ARGS = ["--model", "vit_small_patch14_reg4_dinov2", "--random", "--set", "embed_dim=48", "--set", "depth=2",
-             "--set", "num_heads=3", "--img-size", "56", "--quiet"]
+ARCH_ARGS = TINY_CLI
 
 
 def run_cli(*args, timeout=120):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
 from .cache import workload
 from .data import DATASETS, ImageStore, dataset_files, decode_images, eval_config
 from .env import check_device, hardware, use_bf16
@@ -372,7 +373,6 @@ def main(argv=None) -> int:
                    help="also time the heaviest analysis steps at paper-profile shapes (CPU, several minutes)")
     p.add_argument("--json", help="also write the results, with the hardware and versions, to this file")
     args = p.parse_args(argv)
-    from . import __version__
     try:
         check_device(args.device)
     except RegclsError as e:

@@ -10,42 +10,44 @@ from typing import NamedTuple
 
 from .data import dataset_files
 from .env import cache_dir, resolve_device, use_bf16
-from .files import DAMAGED, LIB_ROOT, STORE_SOURCES, TRACE_SOURCES, library_digest, output_lock, set_aside, source_digest  # noqa: F401 (tests)
+from .files import DAMAGED, library_digest, output_lock, set_aside, source_digest
 from .models import build, weights_id
 from .profiles import ModelSpec, Profile
 from .trace import TRACE_SCHEMA, check_summary, check_trace, load_trace, trace_files
 
-def prepare_build(build: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
-    """Before ``jupyter-book build``: the execution cache is kept per profile and per library content.
+
+def prepare_build(folder: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
+    """Before ``jupyter-book build`` into ``folder`` (``_build``): the execution cache is kept per profile and per
+    library content.
 
     jupyter-cache re-runs a notebook only when its cells change, so a fix in ``lib/regcls`` would never reach a
     rebuilt page, and a smoke build's outputs must never show up in a paper build. When the profile or the
-    digest of the library's files differs from the last build's (``build/.profile``, ``build/.library``), the
+    digest of the library's files differs from the last build's (``folder/.profile``, ``folder/.library``), the
     executed notebooks and Sphinx's doctrees are dropped (and, for another profile, the html). Returns what was
     dropped. The pages in ``always`` (the claims page, which reads what the chapters recorded) are read and run
     by every build: Sphinx re-reads only sources newer than its last build, so they are touched.
     """
     import shutil
 
-    build = Path(build)
+    folder = Path(folder)
     lib = library_digest(lib_root)
     dropped = []
-    last = {k: (build / f".{k}").read_text().strip() if (build / f".{k}").is_file() else None
+    last = {k: (folder / f".{k}").read_text().strip() if (folder / f".{k}").is_file() else None
             for k in ("profile", "library")}
     stale = {"profile": last["profile"] not in (None, profile), "library": last["library"] not in (None, lib)}
     if stale["profile"] or stale["library"]:
         # Sphinx re-reads only changed sources: without its doctrees gone, the pages would not run again
         for sub in (".jupyter_cache", "jupyter_execute", ".doctrees") + (("html",) if stale["profile"] else ()):
-            if (build / sub).exists():
-                shutil.rmtree(build / sub)
+            if (folder / sub).exists():
+                shutil.rmtree(folder / sub)
                 dropped.append(sub)
     if stale["library"] and not stale["profile"]:
         print("the library changed: every chapter runs again")
     for page in always:
         os.utime(page)
-    build.mkdir(parents=True, exist_ok=True)
-    (build / ".profile").write_text(profile + "\n")
-    (build / ".library").write_text(lib + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".profile").write_text(profile + "\n")
+    (folder / ".library").write_text(lib + "\n")
     return dropped
 
 

@@ -6,6 +6,7 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 
+from . import metrics
 from .env import cache_dir, image_cap
 from .files import LIB_ROOT, atomic_write_text, library_digest
 from .profiles import Profile
@@ -136,15 +137,10 @@ def knockout_checks(section: str, ko: dict[str, dict], profile: Profile, *, cka:
     and a paired drop from S to g of at least ``drop``); in g the register-only output matches better than the
     patch-only one (paired). ``cka[size][part]`` are CKA intervals when the chapter has them already;
     ``prefix`` starts each claim (another dataset, say)."""
-    import functools as ft
-
-    from . import metrics
-
-    cka = cka or {s: {p: metrics.cka_interval(k["full"], k[p], n_boot=n_boot) for p in ("patch", "reg")}
-                  for s, k in ko.items()}
+    cka = cka or {s: metrics.knockout_cka(k, n_boot=n_boot) for s, k in ko.items()}
     cp = {s: c["patch"].value for s, c in cka.items()}
 
-    @ft.cache   # each contrast is shown in the row and judged by its rule: computed once
+    @functools.cache   # each contrast is shown in the row and judged by its rule: computed once
     def paired(s1, p1, s2, p2):
         return metrics.cka_difference_interval(ko[s1]["full"], ko[s1][p1], ko[s2]["full"], ko[s2][p2], n_boot=n_boot)
 

@@ -131,7 +131,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto (a GPU when torch can use one, else the CPU), cpu, cuda or cuda:N")
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bfloat16 autocast on a GPU with native bf16, else float32; bf16 is used only where "
-                        "it agrees with float32 on the first images (the trace's own sums stay float32)")
+                        "it agrees with float32 on the first images, else TF32 where that agrees, else float32 (the "
+                        "trace's own sums stay float32)")
     t.add_argument("--amp", action="store_true", help="the same as --precision bf16")
     t.add_argument("--strict", action="store_true", help="any unreadable image is an error")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -7,13 +7,15 @@ compared with the CPU on the same images. The exit code is 0 only when the GPU p
 """
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from .env import cache_dir, cuda_problem, data_root, driver_cuda_version, hub_reachable, native_bf16, use_bf16
+
+from . import __version__
+from .env import (cache_dir, cuda_problem, data_root, driver_cuda_version, hub_reachable, native_bf16,
+                  offline_requested, use_bf16)
 from .metrics import cka
 from .models import create
 from .trace import PRECISION_LABELS, Tracer, auto_batch_size, decide_precision, precision_mode
@@ -36,7 +38,6 @@ def versions() -> Check:
     import torch
     import torchvision
 
-    from . import __version__
     return Check("versions", "info", f"regcls {__version__}, python {platform.python_version()}, torch {torch.__version__} "
                  f"(CUDA {torch.version.cuda or 'none: a CPU-only build'}), torchvision {torchvision.__version__}, "
                  f"timm {timm.__version__}")
@@ -70,8 +71,8 @@ def gpu() -> list[Check]:
 
 def folders() -> list[Check]:
     out = []
-    # the paper profile: COCO val2017 and ImageNetV2 (about 2.5 GB); 35 traces and the decoded images (an estimate
-    # from the rehearsal's file sizes scaled to 5,000 images)
+    # the paper profile: COCO val2017 and ImageNetV2 (about 2.5 GB); the traces and the decoded images (an estimate
+    # from the rehearsal's file sizes scaled to 5,000 images, made for the 35 traces before DINOv3's 15 smaller ones)
     for name, folder, need in (("data", data_root(), 2.5), ("cache", cache_dir(), 30.0)):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -89,8 +90,7 @@ def folders() -> list[Check]:
 def hub() -> Check:
     if hub_reachable():
         return Check("hub", "ok", "huggingface.co reachable: the real weights can be downloaded")
-    why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") else \
-        "not reachable"
+    why = "HF_HUB_OFFLINE is set" if offline_requested() else "not reachable"
     return Check("hub", "warn", f"the Hugging Face hub: {why}; only weights already in the hub cache load")
 
 

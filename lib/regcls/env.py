@@ -24,9 +24,14 @@ def image_cap() -> int | None:
     return int(raw)
 
 
+def offline_requested() -> bool:
+    """``HF_HUB_OFFLINE`` is set: the hub is not to be tried."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def hub_reachable(timeout: float = 2.0) -> bool:
     """True when the Hugging Face hub answers and offline mode is off (a quick TCP check)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if offline_requested():
         return False
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):

@@ -23,11 +23,12 @@ def shares(trace: dict, layer: int = -1) -> dict[str, np.ndarray]:
     return {name: mass[:, i] for name, i in PART_INDEX.items()}
 
 
-def register_share(trace: dict, drop_cls_self: bool = True, layer: int = -1) -> np.ndarray:
-    """Sec. 3.1, per image (n,): the [CLS] attention share of the registers at ``layer``, averaged over heads; with
-    ``drop_cls_self`` renormalised over registers and patches (the paper's shares add to one without [CLS]-self)."""
+def part_share(trace: dict, part: str = "reg", drop_cls_self: bool = True, layer: int = -1) -> np.ndarray:
+    """Sec. 3.1, per image (n,): the [CLS] attention share of ``part`` (``"reg"`` or ``"patch"``) at ``layer``,
+    averaged over heads; with ``drop_cls_self`` renormalised over registers and patches (the paper's register and
+    patch shares add to one, without the [CLS]-self share)."""
     s = shares(trace, layer=layer)
-    return s["reg"] / (s["reg"] + s["patch"]) if drop_cls_self else s["reg"]
+    return s[part] / (s["reg"] + s["patch"]) if drop_cls_self else s[part]
 
 
 RENORM_FLOOR = 1e-3  # a head that keeps less of its attention than this is not renormalised (it would divide by ~0)
@@ -201,6 +202,12 @@ def _resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     """(n, n_boot): how often each image occurs in each resample -- the same resamples as bootstrap_ci draws."""
     rng = np.random.default_rng(seed)
     return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)], axis=1)
+
+
+def knockout_cka(ko: dict[str, np.ndarray], n_boot: int = 1000, debiased: bool = False) -> dict[str, Interval]:
+    """Sec. 3.3: CKA of the patch-only and the register-only output with the unaltered one, over the images, each
+    with its bootstrap interval; ``ko`` as :func:`knockout` returns it. ``{"patch": Interval, "reg": Interval}``."""
+    return {p: cka_interval(ko["full"], ko[p], debiased=debiased, n_boot=n_boot) for p in ("patch", "reg")}
 
 
 def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: np.ndarray, n_boot: int = 1000,

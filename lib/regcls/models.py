@@ -12,7 +12,7 @@ from torch import nn
 
 from .env import checkpoints_dir, hub_offline, hub_reachable
 from .errors import RegclsError
-from .planted import plant
+from .planted import layer_scales, plant
 from .profiles import ModelSpec
 
 @dataclass(frozen=True)
@@ -43,11 +43,8 @@ def layout(model: nn.Module) -> TokenLayout:
 
 
 def layer_scale(block: nn.Module) -> torch.Tensor | None:
-    """The LayerScale of a block's attention branch (D,): timm's ViT keeps it in ``ls1``, Eva in ``gamma_1``;
-    None without one."""
-    if hasattr(block, "ls1"):
-        return getattr(block.ls1, "gamma", None)
-    return getattr(block, "gamma_1", None)
+    """The LayerScale of a block's attention branch (D,), None without one (:func:`regcls.planted.layer_scales`)."""
+    return layer_scales(block)[0]
 
 
 def check_supported(model: nn.Module, name: str = "model") -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import time
 
-from . import plots
+from . import REPOSITORY, plots
 from .cache import PRECISIONS, profile_traces
 from .claims import ClaimCheck, record, table
 from .env import hardware, image_cap
@@ -74,8 +74,8 @@ def banner(profile: Profile):
         return HTML(f'<div class="regcls-rehearsal-banner">{_box("danger", "Rehearsal: random weights, never to be published", body)}</div>')
     if profile.name.startswith("smoke"):
         body = ("The figures on this page come from the <b>smoke profile</b>: tiny ViTs with planted weights "
-                "in the pattern the paper reports (S and B integrate patches; with registers L and g read the "
-                "registers, without registers g reads its own skip connection) on images that ship with Python "
+                "in the pattern the paper reports (the small sizes integrate patches; with registers the large "
+                "sizes read the registers, without registers the largest reads its own skip connection) on images that ship with Python "
                 "packages. The pattern is planted to check the analysis and is <b>no evidence for or against "
                 "the paper</b>; the paper profile gives the evidence. To get real figures, run the book with "
                 "<code>make book PROFILE=paper</code> on a GPU, or this notebook on Colab with "
@@ -93,7 +93,6 @@ def run_box(profile: Profile, notebook: str):
     """The "Run this chapter" box: Colab link, profile, hardware."""
     from IPython.display import HTML
 
-    from . import REPOSITORY
     colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
     cap = image_cap()
     body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '

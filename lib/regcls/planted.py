@@ -64,9 +64,9 @@ def _reinit(model: nn.Module, gen: torch.Generator) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
-def _scales(blk: nn.Module) -> tuple:
-    """A block's LayerScale of the attention and the MLP branch: timm's ViT (``ls1``/``ls2``) or Eva, DINOv3's
-    layout (``gamma_1``/``gamma_2``); ``(None, None)`` without LayerScale."""
+def layer_scales(blk: nn.Module) -> tuple:
+    """A block's LayerScale of the attention and the MLP branch (D,) each: timm's ViT keeps them in ``ls1``/``ls2``,
+    Eva (DINOv3's layout) in ``gamma_1``/``gamma_2``; ``(None, None)`` without LayerScale."""
     if hasattr(blk, "ls1"):
         return getattr(blk.ls1, "gamma", None), getattr(blk.ls2, "gamma", None)
     return getattr(blk, "gamma_1", None), getattr(blk, "gamma_2", None)
@@ -74,7 +74,7 @@ def _scales(blk: nn.Module) -> tuple:
 
 def _layerscale(model: nn.Module, attn: list[float], mlp: list[float]) -> None:
     for blk, a, m in zip(model.blocks, attn, mlp):
-        g1, g2 = _scales(blk)
+        g1, g2 = layer_scales(blk)
         g1.fill_(a)
         g2.fill_(m)
 
@@ -91,7 +91,7 @@ def plant(model: nn.Module, kind: str) -> nn.Module:
     in place."""
     if kind not in KINDS:
         raise RegclsError(f"unknown planted kind {kind!r}; known: {', '.join(KINDS)}")
-    if _scales(model.blocks[0])[0] is None:
+    if layer_scales(model.blocks[0])[0] is None:
         raise RegclsError("planted models need LayerScale (a DINOv2- or DINOv3-style ViT)")
     gen = torch.Generator().manual_seed(SEEDS[kind])
     L, D = len(model.blocks), model.embed_dim

@@ -108,6 +108,7 @@ class Tracer:
         self.lay = layout(model)
         self.rec: dict[str, torch.Tensor] = {}
         self.handles: list = []
+        self._separate: list = []   # Eva attentions whose qkv_bias_separate the hooks changed, with the old value
 
     def __enter__(self) -> "Tracer":
         return self.attach()
@@ -164,7 +165,6 @@ class Tracer:
         def on_last_norm1(_mod, _inp, out):
             self.rec["prefix_penult_ln"] = out[:, :P].clone()
 
-        self._separate = []
         for i, blk in enumerate(blocks):
             self.handles.append(blk.attn.qkv.register_forward_hook(on_qkv(i)))
             self.handles.append(blk.register_forward_hook(on_block(i)))
@@ -183,9 +183,9 @@ class Tracer:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-        for attn, separate in getattr(self, "_separate", []):
+        for attn, separate in self._separate:
             attn.qkv_bias_separate = separate
-        self._separate = []
+        self._separate.clear()
 
     @torch.inference_mode()
     def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -557,9 +557,10 @@ def decide_precision(model: nn.Module, images: torch.Tensor, *, device: str, amp
                       stacklevel=3)
         amp = False
     tried = (["bf16"] + (["tf32"] if native_tf32(device) else [])) if amp else []
-    dtype = next(model.parameters()).dtype
+    if tried:   # the same first images for every mode tried
+        head = images[0:min(len(images), 32)].to(device=device, dtype=next(model.parameters()).dtype)
     for m in tried:
-        check = checks[m] = amp_agreement(model, images[0:min(len(images), 32)].to(device=device, dtype=dtype), mode=m)
+        check = checks[m] = amp_agreement(model, head, mode=m)
         if check["ok"]:   # a failed check says so once, in the warning below
             print(f"{m} check for {name}: passed ({_describe_check(check)})", file=sys.stderr, flush=True)
             mode = m
@@ -718,7 +719,8 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
 
 
 def check_summary(check: dict) -> str:
-    """The bf16 check's figures in one phrase (for the run's log and the chapter's last line)."""
+    """A precision check's figures (bf16's or TF32's) in one phrase (for the run's log and the chapter's last
+    line)."""
     return (f"identity error {check['identity_bf16']:.1e}, attention share change {check['share_change_p99']:.1e} "
             f"(99th percentile; one head at most {check['attn_mass_maxdiff']:.1e}), "
             f"CKA of {check['cka_min_key']} {check['cka_min']:.4f}, change of 1 - penultimate pairwise cosine "
