@@ -59,3 +59,24 @@ def random_png_folder(folder, n: int, seed: int, name: str = "im{:03d}.png"):
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / name.format(i))
     return folder
+
+
+def sklearn_probe(X, y, seed: int = 0, test_size: float = 0.3, Cs=(0.01, 0.1, 1.0, 10.0)) -> tuple[float, float]:
+    """The oracle for ``regcls.probe.linear_probe``: its protocol in scikit-learn, written out C by C (stratified
+    split, StandardScaler + LogisticRegression, C of the best mean cross-validated accuracy). Returns
+    (held-out accuracy, C)."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score, train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=test_size, random_state=seed, stratify=y)
+    cv = StratifiedKFold(max(2, min(3, int(np.bincount(ytr).min()))), shuffle=True, random_state=seed)
+
+    def pipe(C):
+        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
+
+    scores = [cross_val_score(pipe(C), Xtr, ytr, cv=cv).mean() for C in Cs]
+    C = Cs[int(np.argmax(scores))]
+    return float(pipe(C).fit(Xtr, ytr).score(Xte, yte)), float(C)

@@ -35,8 +35,12 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:   # torch loads inside the functions that need it (the server process does without)
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REVISION = hashlib.sha1(b"regcls rehearsal: random weights").hexdigest()  # the commit refs/main names
@@ -54,7 +58,7 @@ def hub_specs(profile) -> list:
     return [m for m in specs if m.weights == "hub"]
 
 
-def _random_tensor(key: str, shape: tuple, gen) -> "torch.Tensor":
+def _random_tensor(key: str, shape: tuple, gen) -> torch.Tensor:
     """Random weights with sensible scales: unit-ish LayerNorm gains, LayerScale 0.1, 1/sqrt(fan_in) matrices."""
     import torch
 

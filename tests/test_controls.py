@@ -70,8 +70,8 @@ def test_layer_cosine(tr):
 def test_high_norm_register(tr):
     pos, neg = tr(*POS_REG), tr(*NEG)
     hp, hn = M.highest_norm_token(pos), M.highest_norm_token(neg)
-    assert hp["mode"] == 1 + HIGH and hp["mode_fraction"] == 1.0 and hp["ratio"].min() > 3
-    assert hn["mode_fraction"] < 0.5
+    assert hp.mode == 1 + HIGH and hp.mode_fraction == 1.0 and hp.ratio.min() > 3
+    assert hn.mode_fraction < 0.5
     X = pos["prefix_penult"][:, 1 + HIGH]
     assert M.mean_pairwise_cosine(X) > 0.99
     assert M.mean_pairwise_cosine(neg["prefix_penult"][:, 1 + HIGH]) < 0.95
@@ -83,9 +83,9 @@ def test_high_norm_register(tr):
 def test_probe_reads_class_from_seemingly_constant_register(tr):
     lab = tr(*POS_REG, labelled=True)
     res = linear_probe(lab["prefix_penult"][:, 1 + HIGH], lab["labels"])
-    assert res["accuracy"] > res["chance"] + 0.4
+    assert res.accuracy > res.chance + 0.4
     shuffled = np.random.default_rng(0).permutation(lab["labels"])
-    assert linear_probe(lab["prefix_penult"][:, 1 + HIGH], shuffled)["accuracy"] < res["accuracy"] - 0.3
+    assert linear_probe(lab["prefix_penult"][:, 1 + HIGH], shuffled).accuracy < res.accuracy - 0.3
 
 
 def test_oneshot(tr):
@@ -106,7 +106,7 @@ def test_attention_maps_hold_the_patch_share(tr):
     for size, reg in (POS_REG, NEG, POS_SKIP):
         t = tr(size, reg)
         maps = M.attention_maps(t)
-        assert maps.shape[1:] == tuple(int(v) for v in t["grid"])
+        assert maps.shape[1:] == t.grid
         np.testing.assert_allclose(maps.sum(axis=(1, 2)), M.shares(t)["patch"], rtol=1e-4)
 
 

@@ -7,7 +7,7 @@ import timm
 import torch
 from PIL import Image
 
-from regcls.data import decode_images, eval_config, list_images
+from regcls.data import ImageList, decode_images, eval_config, list_images
 from regcls.errors import RegclsError
 
 CASES = {  # name -> (timm name with its pretrained config, overrides): DINOv2 crops nothing, augreg crops 0.9
@@ -59,7 +59,7 @@ def test_labels_stay_with_their_images_when_a_file_is_skipped(tmp_path):
     model = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=28,
                               embed_dim=16, depth=1, num_heads=2).eval()
     with pytest.warns(UserWarning, match="skipped"):
-        trace_files(model, files, ids, labels, out=tmp_path / "t.npz", meta={"model": "m", "weights": "random", "dataset": "lab"}, img_size=28,
+        trace_files(model, ImageList(files, ids, labels), out=tmp_path / "t.npz", meta={"model": "m", "weights": "random", "dataset": "lab"}, img_size=28,
                     progress=False)
     t = load_trace(tmp_path / "t.npz")
     assert len(t["image_ids"]) == 8 and "1/1.png" not in list(t["image_ids"])

@@ -179,11 +179,11 @@ def test_a_trace_of_another_key_or_shape_is_not_read(tmp_path, entry):
     tr = load_trace(path)
     meta = {k: v for k, v in tr["meta"].items() if k not in ("regcls_version", "trace_schema")}
     arrays = {k: tr[k] for k in (*PER_IMAGE, "attn_out_bias", "image_ids")}
-    arrays["skip"] = arrays["skip"][:3]                  # one image short in one array
+    arrays["cls_final"] = arrays["cls_final"][:3]        # one image short in one array
     save_trace(path, arrays, meta)
-    with pytest.warns(UserWarning, match=r"is damaged \(skip disagree with its 4 image ids\)"):
+    with pytest.warns(UserWarning, match=r"is damaged \(cls_final disagree with its 4 image ids\)"):
         got = get()
-    np.testing.assert_array_equal(got["skip"], ref["skip"])
+    np.testing.assert_array_equal(got["cls_final"], ref["cls_final"])
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage"])

@@ -143,7 +143,7 @@ def test_shards_of_other_precisions_refuse_to_merge(tmp_path, monkeypatch):
     store, images = _images()
     low = T.run_trace(model, images[0:6], store.ids[:6], out=tmp_path / "a.npz", meta=_meta(model), amp=True)
     full = T.run_trace(model, images[6:12], store.ids[6:], out=tmp_path / "b.npz", meta=_meta(model), amp=False)
-    with pytest.raises(RegclsError, match=r"traced with other settings \(amp_used, precision\) and cannot be merged"):
+    with pytest.raises(RegclsError, match=r"traced with other settings \(amp_used, precision, precision_mode\) and cannot be merged"):
         T.merge_traces([low, full], tmp_path / "m.npz")
 
 
@@ -205,6 +205,7 @@ def test_the_float32_fallback_uses_tf32_only_where_its_own_check_passes(tmp_path
     hook.remove()
     assert [m for m, _ in seen] == ["bf16", "tf32"]
     assert t["meta"]["precision"] == "float32 with TF32 matrix products and convolutions"
+    assert t["meta"]["precision_mode"] == "tf32"
     assert t["meta"]["amp_used"] is False and t["meta"]["amp_check"]["ok"] is False and t["meta"]["tf32_check"]["ok"]
     assert t["meta"]["tf32_check"]["mode"] == "tf32"
     # the checks' passes (bf16: full float32 reference, bf16; TF32: reference, TF32), then both batches with TF32
@@ -305,10 +306,10 @@ def test_one_buffer_per_batch_carries_every_array_exactly():
     g = torch.Generator().manual_seed(0)
     rec = {k: torch.randn(3, 2, 5, generator=g) for k in T.PER_IMAGE}
     rec["cls_attn"] = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)   # float64 stays float64
-    rec["skip"] = torch.randn(3, 6, generator=g).to(torch.bfloat16)            # bf16 arrives as float32
+    rec["cls_final"] = torch.randn(3, 6, generator=g).to(torch.bfloat16)       # bf16 arrives as float32
     got = T._unpack(T._pack(rec))
-    assert list(got) == list(T.PER_IMAGE)
-    for k in T.PER_IMAGE:
+    assert list(got) == list(T.STORED)
+    for k in T.STORED:
         assert got[k].dtype == (np.float64 if k == "cls_attn" else np.float32), k
         assert got[k].shape == tuple(rec[k].shape) and np.array_equal(got[k], rec[k].double().numpy()), k
     one = T._unpack(T._pack({k: v.float() for k, v in rec.items()}))

@@ -200,15 +200,16 @@ def test_logistic_fit_reaches_scikit_learns_optimum(C):
 
 
 def test_probe_matches_the_scikit_learn_grid_search():
-    from regcls.bench import sklearn_probe
+    from helpers import sklearn_probe
     from regcls.probe import linear_probe
     r = np.random.default_rng(2)
     for k, d, sep in ((3, 10, 0.8), (8, 30, 0.4)):
         y = np.repeat(np.arange(k), 40)
         X = r.normal(size=(len(y), d)) * r.uniform(0.5, 20, d) + sep * r.normal(size=(k, d))[y]
         ours, ref = linear_probe(X, y, device="cpu"), sklearn_probe(X, y)   # float32 on the CPU, as measured
-        assert ours["C"] == ref["C"]
-        assert ours["accuracy"] == pytest.approx(ref["accuracy"], abs=1.5 / ours["n_test"])
+        accuracy, C = ref
+        assert ours.C == C
+        assert ours.accuracy == pytest.approx(accuracy, abs=1.5 / ours.n_test)
 
 
 def test_probe_reads_separable_labels_and_not_noise():
@@ -217,8 +218,8 @@ def test_probe_reads_separable_labels_and_not_noise():
     y = np.repeat(np.arange(4), 25)
     X = r.normal(size=(100, 8))
     X[:, 0] += 8 * y  # 8 sd apart along one axis: linearly separable but for a few in 10^4
-    assert linear_probe(X, y)["accuracy"] > 0.8   # chance 0.25; >= 0.87 for every seed 0-9
-    assert linear_probe(r.normal(size=(100, 8)), y)["accuracy"] < 0.5
+    assert linear_probe(X, y).accuracy > 0.8   # chance 0.25; >= 0.87 for every seed 0-9
+    assert linear_probe(r.normal(size=(100, 8)), y).accuracy < 0.5
 
 
 def test_probe_with_two_images_per_class_keeps_every_class_in_both_splits():
@@ -229,7 +230,7 @@ def test_probe_with_two_images_per_class_keeps_every_class_in_both_splits():
     y = np.repeat(np.arange(300), 2)
     X = rng.normal(size=(600, 8)) + np.eye(300)[y][:, :8] * 5
     r = linear_probe(X, y)
-    assert r["n_test"] == 300 and r["n_train"] == 300 and r["C"] == 1.0
+    assert r.n_test == 300 and r.n_train == 300 and r.C == 1.0
 
 
 def test_oneshot_with_two_classes():
@@ -262,7 +263,7 @@ def test_attention_map_keeps_rows_and_columns():
     a[0, :, P + 1 * cols + 3] = 1.0  # image 0: grid row 1, column 3 in raster order
     a[1, 0, P + 2 * cols] = 1.0      # image 1: row 2, column 0, in one of two heads
     a[:, :, :P] = 7.0                # prefix tokens are not on the grid
-    m = attention_maps({"cls_attn": a, "num_prefix_tokens": P, "grid": np.array([rows, cols])})
+    m = attention_maps({"cls_attn": a, "meta": {"num_prefix_tokens": P, "grid": [rows, cols]}})
     assert m.shape == (2, rows, cols) and m[0, 1, 3] == 1.0 and m[0].sum() == 1.0
     assert m[1, 2, 0] == 0.5 and m[1].sum() == 0.5
 
@@ -276,10 +277,10 @@ def test_top_patch_share_is_the_mass_of_the_top_patches_over_the_patch_mass():
     a[1, 0, P:] = 0.7 / N                          # head 0 flat, head 1 all on patch 5 and 9: after the head
     a[1, 1, P + 5], a[1, 1, P + 9] = 0.5, 0.2      # average, patches 5 and 9 carry (0.7 + 1.4 / N) / 1.4
     a[2, :, P + 7] = 0.7                           # one artifact patch draws everything
-    s = top_patch_share({"cls_attn": a, "num_prefix_tokens": P})
+    s = top_patch_share({"cls_attn": a, "meta": {"num_prefix_tokens": P}})
     assert s == pytest.approx([2 / N, (0.7 + 1.4 / N) / 1.4, 1.0], rel=1e-12)
-    assert top_patch_share({"cls_attn": a, "num_prefix_tokens": P}, frac=0.015)[0] == pytest.approx(3 / N)
-    assert top_patch_share({"cls_attn": a[:, :, :P + 10], "num_prefix_tokens": P})[0] == pytest.approx(1 / 10)
+    assert top_patch_share({"cls_attn": a, "meta": {"num_prefix_tokens": P}}, frac=0.015)[0] == pytest.approx(3 / N)
+    assert top_patch_share({"cls_attn": a[:, :, :P + 10], "meta": {"num_prefix_tokens": P}})[0] == pytest.approx(1 / 10)
 
 
 def test_paired_cka_difference_uses_the_same_resamples_for_both_pairs():
@@ -388,9 +389,9 @@ def test_highest_norm_token_and_its_ratio_to_the_second():
                        [1.0, 9.0, 3.0, 1.0, 0.1],     # token 1, 9 / 3
                        [6.0, 1.0, 2.0, 1.0, 0.2]])    # token 0, 6 / 2
     h = highest_norm_token({"token_norms_penult": norms_})
-    assert h["token"].tolist() == [1, 1, 0] and h["mode"] == 1
-    assert h["mode_fraction"] == pytest.approx(2 / 3)
-    np.testing.assert_allclose(h["ratio"], [2.0, 3.0, 3.0])
+    assert h.token.tolist() == [1, 1, 0] and h.mode == 1
+    assert h.mode_fraction == pytest.approx(2 / 3)
+    np.testing.assert_allclose(h.ratio, [2.0, 3.0, 3.0])
 
 
 def test_same_images_returns_the_shared_ids_or_names_the_trace_that_differs():
@@ -466,7 +467,7 @@ def test_float32_inputs_are_measured_in_float64():
             assert v.dtype == np.float64
             np.testing.assert_allclose(v, f(t64)[key], rtol=1e-14, atol=0)
     np.testing.assert_allclose(layer_cosine(t32), layer_cosine(t64), rtol=1e-14, atol=0)
-    np.testing.assert_allclose(highest_norm_token(t32)["ratio"], highest_norm_token(t64)["ratio"], rtol=1e-14, atol=0)
+    np.testing.assert_allclose(highest_norm_token(t32).ratio, highest_norm_token(t64).ratio, rtol=1e-14, atol=0)
 
 
 def test_cka_is_scale_free_at_any_scale_and_nan_without_variance():
@@ -554,10 +555,10 @@ def test_probe_chance_is_the_majority_training_class_and_bad_labels_are_one_line
     y = np.array([0] * 30 + [1] * 10 + [2] * 10)
     X = np.random.default_rng(3).normal(size=(50, 4))
     r = linear_probe(X, y, test_size=0.4)
-    assert r["n_test"] == 20 and r["n_train"] == 30
-    assert r["chance"] == pytest.approx(12 / 20)   # stratified: 12 of the 20 test images are class 0
+    assert r.n_test == 20 and r.n_train == 30
+    assert r.chance == pytest.approx(12 / 20)   # stratified: 12 of the 20 test images are class 0
     r = linear_probe(X, y, test_size=0.99)           # capped: every class keeps a training image
-    assert r["n_test"] == 47 and r["n_train"] == 3 and r["C"] == 1.0
+    assert r.n_test == 47 and r.n_train == 3 and r.C == 1.0
     with pytest.raises(RegclsError, match=r"^a linear probe needs at least two images of every class; the smallest "
                                           r"class has 1$"):
         linear_probe(X[:41], np.append(y[:40], 7))
@@ -572,7 +573,7 @@ def test_probe_with_two_images_per_class_and_more_classes_than_a_30_percent_spli
     y = np.repeat(np.arange(200), 2)
     X = np.random.default_rng(5).normal(size=(400, 6)) + 3 * np.eye(6)[y % 6]
     r = linear_probe(X, y, device="cpu")
-    assert r["n_test"] == r["n_train"] == 200 and r["C"] == 1.0 and 0.0 <= r["accuracy"] <= 1.0
+    assert r.n_test == r.n_train == 200 and r.C == 1.0 and 0.0 <= r.accuracy <= 1.0
 
 
 def test_intervals_are_named_and_unpack_as_before():

@@ -45,9 +45,11 @@ def test_limit_caps_every_dataset_and_keeps_two_images_per_class(monkeypatch):
         p = PROFILES[name]
         assert p.sample(p.dataset) == (8, None)
         assert p.sample(p.labelled) == (8, 4)
-    files, ids, labels = dataset_files("samples-crops", 8, classes=4)
-    assert len(files) == 8 and np.array_equal(np.bincount(labels), [2, 2, 2, 2])
-    assert all(ids[k].split("/")[0] == str(labels[k]) for k in range(8))   # labels stay with their files
+    images = dataset_files("samples-crops", 8, classes=4)
+    assert len(images) == 8 and np.array_equal(np.bincount(images.labels), [2, 2, 2, 2])
+    assert all(images.ids[k].split("/")[0] == str(images.labels[k]) for k in range(8))   # labels stay with files
+    tail = images[5:]                                                     # a slice keeps them in step
+    assert tail.ids == images.ids[5:] and tail.files == images.files[5:] and list(tail.labels) == list(images.labels[5:])
     monkeypatch.delenv("REGCLS_LIMIT")
     assert PROFILES["laptop"].sample("imagenetv2") == (1000, 100) and PROFILES["paper"].sample("coco-val2017") == (None, None)
 

@@ -210,7 +210,7 @@ def test_download_verifies_unpacks_once(server, tmp_path):
     assert len(list(folder.glob("*.png"))) == 3 and (folder / ".complete").is_file()
     download("coco-val2017", progress=False)
     assert len(RangeHandler.requests) == 1   # the second call downloads nothing
-    assert len(dataset_files("coco-val2017")[0]) == 3
+    assert len(dataset_files("coco-val2017")) == 3
 
 
 def test_download_resumes_a_partial_file(server, tmp_path):

@@ -52,6 +52,8 @@ EXPECTED = {
     ("Beyond", "DINOv3: larger models attend more to their registers"): True,
     ("Beyond", "DINOv3: at the largest size the register-only output"): True,
     ("Beyond", "DINOv3: at the largest size the patch-based output is far"): True,
+    ("Beyond", "Test-time register: it takes over the high norm"): True,
+    ("Beyond", "Test-time register: no patch stays a high-norm outlier"): True,
 }
 
 
@@ -66,7 +68,8 @@ def rows():
         from test_profile_shapes import run_notebook
         for name in ("sec3_1_register_attention.ipynb", "sec3_2_register_norms.ipynb",
                      "sec3_3_register_knockout.ipynb", "sec3_4_attention_maps.ipynb",
-                     "sec4_1_skip_connection.ipynb", "appendix_other_recipes.ipynb", "beyond_dinov3.ipynb"):
+                     "sec4_1_skip_connection.ipynb", "appendix_other_recipes.ipynb", "beyond_dinov3.ipynb",
+                     "beyond_test_time_registers.ipynb"):
             run_notebook(name)
         checks = collect("smoke")
     return checks

@@ -7,7 +7,7 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 from helpers import FAMILIES, images, tiny
 from regcls.models import layout
-from regcls.trace import PARTS, trace_batch
+from regcls.trace import PARTS, STORED, load_trace, run_trace, save_trace, trace_batch, trace_meta
 
 TOL = dict(rtol=1e-8, atol=1e-8)
 
@@ -144,6 +144,23 @@ def test_shapes(case):
     assert tr["cls_layers"].shape == (n, L, D)
     assert tr["prefix_penult"].shape == (n, model.num_prefix_tokens, D)
     assert (layout(model).num_registers == 4) == (family in ("dinov2_reg4", "dinov3", "dinov3_qkvb", "dinov3_swiglu"))
+
+
+def test_the_file_stores_each_array_once_and_reads_the_skip_term_back(tmp_path):
+    model = tiny("dinov2_reg4")
+    x = images(model, n=4)
+    meta = trace_meta(model, model="tiny", weights="random", dataset="noise", img_size=x.shape[-1])
+    out = run_trace(model, x, list("abcd"), out=tmp_path / "t.npz", meta=meta, batch_size=2, progress=False)
+    with np.load(out) as z:
+        stored = set(z.files)
+    assert stored == {*STORED, "attn_out_bias", "image_ids", "meta_json"}   # no skip, metadata once (its JSON)
+    tr, ref = load_trace(out), trace_batch(model, x)
+    np.testing.assert_allclose(tr["skip"], ref["skip"].numpy(), rtol=1e-6, atol=1e-6)
+    close(ref["skip"], reference(model, x)["in"][-1][:, 0])
+    assert tr.meta["model"] == "tiny" and tr.num_registers == 4
+    save_trace(tmp_path / "again.npz", {k: v for k, v in tr.items() if k != "meta"}, tr.meta)   # still once
+    with np.load(tmp_path / "again.npz") as z:
+        assert set(z.files) == stored
 
 
 @pytest.mark.parametrize("family", ["dinov2_reg4", "dinov3_qkvb"])

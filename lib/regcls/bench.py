@@ -26,7 +26,7 @@ from .metrics import bootstrap_ci, cka, cka_interval, mean_pairwise_cosine, ones
 from .models import create, layout
 from .probe import linear_probe
 from .profiles import PROFILES, SIZES, SIZE_NAMES
-from .trace import AMP_TOLERANCE, PRECISION_LABELS, Tracer, amp_agreement, auto_batch_size, load_trace, run_trace, trace_meta
+from .trace import AMP_TOLERANCE, Tracer, amp_agreement, auto_batch_size, load_trace, run_trace, trace_meta
 
 
 def _reset_peak() -> None:
@@ -157,12 +157,11 @@ def bench_memory(resolutions=(224, 518), batch: int = 2) -> list[dict]:
 
 def bench_loading(n_images: int = 125, img_size: int = 224) -> dict:
     """Images per second for decoding + resizing alone vs the whole trace (ViT-B/14+reg, CPU)."""
-    files, ids, _ = dataset_files("samples")
-    files, ids = files[:n_images], ids[:n_images]
+    images = dataset_files("samples", n_images)
     model = create("vit_base_patch14_reg4_dinov2", pretrained=False, img_size=img_size)
     geo, mean, std = eval_config(model, img_size)
     t = time.perf_counter()
-    store = decode_images(files, ids, geo, progress=False)
+    store = decode_images(images.files, images.ids, geo, progress=False)
     load_s = time.perf_counter() - t
     x = store.normalized(mean, std)
     t = time.perf_counter()
@@ -176,7 +175,8 @@ def bench_loading(n_images: int = 125, img_size: int = 224) -> dict:
 def sklearn_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float = 0.3,
                   Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> dict:
     """The baseline for :func:`regcls.probe.linear_probe`: the same probe written the usual way, scikit-learn's
-    GridSearchCV over StandardScaler + LogisticRegression (same splits). Returns ``{"accuracy", "C"}``."""
+    GridSearchCV over StandardScaler + LogisticRegression (same splits), timed as the baseline (the tests check
+    linear_probe against their own scikit-learn oracle). Returns ``{"accuracy", "C"}``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
     from sklearn.pipeline import make_pipeline
@@ -281,7 +281,7 @@ def end_to_end(model, device: str, batch: int, n_images: int, amp: bool) -> tupl
                       amp=amp, progress=False)
         rate = n_images / (time.perf_counter() - t)
         meta = load_trace(Path(d) / "t.npz", meta_only=True)["meta"]
-        mode = next((m for m, label in PRECISION_LABELS.items() if label == meta["precision"]), "fp32")
+        mode = meta["precision_mode"]
         return rate, mode, meta.get("tf32_check") or meta.get("amp_check")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,9 +80,9 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     """
     device = resolve_device(device)
     amp = amp and use_bf16(device)  # a T4 (Colab) runs float32 without a warning
-    files, ids, labels = dataset_files(dataset, limit, download=True, classes=classes)
+    images = dataset_files(dataset, limit, download=True, classes=classes)
     wid = weights_id(spec, checkpoint)
-    desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": ids}),
+    desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": images.ids}),
             "img_size": img_size, "crop_pct": crop_pct, "amp": amp, "schema": TRACE_SCHEMA, "code": source_digest()}
     key = content_key(desc)
     path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{key}.npz"
@@ -94,7 +95,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
             except DAMAGED as e:
                 set_aside(path, e)
         model = build(spec, img_size, checkpoint)
-        trace_files(model, files, ids, labels, out=path, img_size=img_size, batch_size=batch_size, device=device,
+        trace_files(model, images, out=path, img_size=img_size, batch_size=batch_size, device=device,
                     amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset, crop_pct=crop_pct,
                     meta={"model": spec.name, "weights": wid, "dataset": dataset, "model_spec": spec.describe(),
                           "cache_key": key})
@@ -114,7 +115,8 @@ def _loaded(trace: dict) -> dict:
     if said:   # a lower precision was asked for: the checks decided, with these figures
         label += f" ({'; '.join(said)})"
     crop = "" if meta.get("geometry", "").split("-")[1:2] in ([], ["1.0"]) else f", {meta['geometry']}"
-    PRECISIONS[f"{meta.get('model', '?')} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px{crop}"] = label
+    ttr = " with a test-time register" if "test_time_neurons" in meta else ""
+    PRECISIONS[f"{meta.get('model', '?')}{ttr} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px{crop}"] = label
     return trace
 
 
@@ -152,8 +154,9 @@ class Job(NamedTuple):
 def workload(profile: Profile) -> list[Job]:
     """Every trace the chapters read on ``profile``, each once: both model series on the unlabelled set, the
     models with registers on the labelled set, at the other resolution and with the other preprocessing, the
-    models without registers at the other resolution (Sec. 4.1's sensitivity), the appendix families, and DINOv3
-    (beyond the paper) on both sets, also at its own input size."""
+    models without registers at the other resolution (Sec. 4.1's sensitivity), the appendix families, and beyond
+    the paper DINOv3 on both sets, also at its own input size, and the model with a test-time register (with the
+    model it is built on, where the profile does not trace that already)."""
     jobs = [Job(m, profile.dataset, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
     jobs += [Job(m, profile.labelled, profile.img_size) for m in profile.models_with(True)]
     jobs += [Job(m, profile.dataset, profile.alt_img_size) for reg in (True, False) for m in profile.models_with(reg)]
@@ -162,4 +165,8 @@ def workload(profile: Profile) -> list[Job]:
     jobs += [Job(m, ds, px) for m in profile.dinov3 for ds, px in ((profile.dataset, profile.img_size),
                                                                  (profile.dataset, profile.dinov3_img_size),
                                                                  (profile.labelled, profile.img_size))]
+    if profile.testtime is not None:
+        for m in (replace(profile.testtime, testtime=None), profile.testtime):
+            if Job(m, profile.dataset, profile.img_size) not in jobs:
+                jobs.append(Job(m, profile.dataset, profile.img_size))
     return jobs

@@ -6,12 +6,14 @@ import argparse
 import ast
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
-from .data import DATASETS, SHIPPED, dataset_files, download_dataset, list_images, scan_images
+from .data import DATASETS, SHIPPED, dataset_files, download_dataset, folder_images, scan_images
 from .doctor import run as run_doctor
 from .env import data_root, resolve_precision
 from .errors import RegclsError
+from .cache import workload
 from .models import build, weights_id
 from .profiles import ModelSpec, active_profile
 from .trace import merge_traces, shard_range, trace_files
@@ -41,27 +43,20 @@ def cmd_trace(args: argparse.Namespace) -> int:
     spec = ModelSpec(size="-", arch=arch, tag=tag or None, weights=weights,
                      overrides=tuple(sorted(_parse_set(args.set).items())))
     if args.images is not None:
-        files = list_images(args.images)
-        if args.limit:
-            files = files[: args.limit]
-        folder = Path(args.images)
-        ids, labels, source = [f.relative_to(folder).as_posix() for f in files], None, str(folder)
+        images, source = folder_images(args.images, args.limit or None), str(Path(args.images))
     else:
-        files, ids, labels = dataset_files(args.dataset, args.limit)
-        source = args.dataset
-    head = files[:32]  # every shard checks bf16 on the request's first images: one precision for all parts
+        images, source = dataset_files(args.dataset, args.limit), args.dataset
+    head = images.files[:32]  # every shard checks bf16 on the request's first images: one precision for all parts
     if args.shard:
-        a, b = shard_range(len(files), args.shard)
-        files, ids = files[a:b], ids[a:b]
-        labels = labels[a:b] if labels is not None else None
+        images = images[slice(*shard_range(len(images), args.shard))]
     if args.strict:  # before any work: every file must decode
-        bad = scan_images(files, progress=not args.quiet)
+        bad = scan_images(images.files, progress=not args.quiet)
         if bad:
             raise RegclsError(f"{len(bad)} unreadable image files (--strict): "
                               + "; ".join(f"{Path(f).name} ({why})" for f, why in bad[:5])
                               + (" ..." if len(bad) > 5 else ""))
     model = build(spec, args.img_size, args.checkpoint)
-    store = trace_files(model, files, ids, labels, out=args.out, img_size=args.img_size, batch_size=args.batch_size,
+    store = trace_files(model, images, out=args.out, img_size=args.img_size, batch_size=args.batch_size,
                         device=device, amp=amp, progress=not args.quiet, check_files=head if args.shard else None,
                         meta={"model": spec.name, "weights": weights_id(spec, args.checkpoint), "dataset": source,
                               "model_spec": spec.describe(), "shard": args.shard})
@@ -93,19 +88,28 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """What a profile would download and compute, without doing it."""
+    """What a profile would download and compute, without doing it: every model's weights, the datasets, and
+    every trace the chapters read (:func:`regcls.cache.workload`)."""
     prof = active_profile(args.profile, verbose=False)
     print(f"profile {prof.name}: {prof.note}; {prof.img_size} px, batch {prof.batch_size or 'auto'}, "
           f"{'GPU if there is one, else CPU' if prof.device == 'auto' else prof.device}")
-    for m in prof.models:
-        src = f"hub: hf-hub:timm/{m.name}" if m.weights == "hub" else m.weights
-        print(f"  model {m.label:6s} {m.name:45s} {src}")
+    jobs = workload(prof)
+    models: dict[str, ModelSpec] = {}
+    for j in jobs:
+        models.setdefault(j.spec.name, replace(j.spec, testtime=None))   # one download per weights
+    for name, m in models.items():
+        src = f"hub: hf-hub:timm/{name}" if m.weights == "hub" else m.weights
+        print(f"  model {m.label:6s} {name:45s} {src}")
     for ds, limit in ((prof.dataset, prof.limit), (prof.labelled, prof.labelled_limit)):
         if ds in DATASETS:
             s = DATASETS[ds]
             print(f"  data  {ds:14s} {s.size / 1e9:.2f} GB from {s.url} ({s.checksum}); images: {limit or 'all'}")
         else:
             print(f"  data  {ds:14s} {SHIPPED[ds]}")
+    print(f"  {len(jobs)} traces:")
+    for j in jobs:
+        crop = f", crop {j.crop_pct}" if j.crop_pct else ""
+        print(f"  trace {j.spec.label:6s} {j.spec.name:45s} {j.dataset} at {j.img_size} px{crop}")
     return 0
 
 

@@ -75,6 +75,29 @@ def list_images(folder: str | Path, labelled: bool = False) -> list[Path]:
     return files
 
 
+@dataclass(frozen=True)
+class ImageList:
+    """Image files with their ids (paths relative to their folder) and integer labels (None: unlabelled), kept in
+    step: ``images[a:b]`` slices all three."""
+    files: list[Path]
+    ids: list[str]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, rows: slice) -> "ImageList":
+        if not isinstance(rows, slice):
+            raise TypeError("an ImageList is sliced (images[a:b]); its files, ids and labels are its fields")
+        return ImageList(self.files[rows], self.ids[rows], None if self.labels is None else self.labels[rows])
+
+
+def folder_images(folder: str | Path, limit: int | None = None) -> ImageList:
+    """The first ``limit`` image files of an unlabelled folder (all when None), in name order."""
+    files = list_images(folder)[:limit]
+    return ImageList(files, [f.relative_to(Path(folder)).as_posix() for f in files])
+
+
 def dataset_folder(name: str, download: bool = False) -> Path:
     """The unpacked folder of a dataset; shipped ones are generated on first use.
 
@@ -106,8 +129,8 @@ def is_labelled(name: str) -> bool:
 
 
 def dataset_files(name: str, limit: int | None = None, download: bool = False,
-                  classes: int | None = None) -> tuple[list[Path], list[str], np.ndarray | None]:
-    """Files, ids (paths relative to the dataset folder) and integer labels (or None) of a dataset.
+                  classes: int | None = None) -> ImageList:
+    """The image files of a dataset, with ids (paths relative to the dataset folder) and integer labels (or None).
 
     ``limit`` keeps the first ``limit`` files in sorted order. Labelled sets keep the first ``classes``
     classes (all when None; classes in numeric order of their folder names) and ``ceil(limit / classes)``
@@ -131,8 +154,7 @@ def dataset_files(name: str, limit: int | None = None, download: bool = False,
             files, labels = [files[i] for i in keep], labels[keep]
     elif limit is not None:
         files = files[:limit]
-    ids = [f.relative_to(folder).as_posix() for f in files]
-    return files, ids, labels
+    return ImageList(files, [f.relative_to(folder).as_posix() for f in files], labels)
 
 
 # ----------------------------------------------------------------------------- shipped images

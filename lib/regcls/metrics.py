@@ -312,18 +312,21 @@ def top_dims_mean(X: np.ndarray, k: int = 100, dims: np.ndarray | None = None) -
     return dims, mean_abs[dims]
 
 
-def highest_norm_token(trace: dict) -> dict:
-    """Which token has the highest norm entering the last block, per image, and by how much.
+class HighestNorm(NamedTuple):
+    """The highest-norm token entering the last block (:func:`highest_norm_token`)."""
+    token: np.ndarray       # (n,) its index per image
+    ratio: np.ndarray       # (n,) its norm over the second-highest norm
+    mode: int               # the token that is highest most often
+    mode_fraction: float    # the fraction of images where ``mode`` is the highest
 
-    Returns ``{"token": (n,), "ratio": (n,) highest / second highest, "mode": the most frequent token,
-    "mode_fraction": fraction of images where it is the highest}``.
-    """
+
+def highest_norm_token(trace: dict) -> HighestNorm:
+    """Which token has the highest norm entering the last block, per image, and by how much."""
     norms_ = trace["token_norms_penult"].astype(np.float64)
     top2 = np.sort(norms_)[:, -2:]
     token = norms_.argmax(axis=1)
     mode = int(np.bincount(token).argmax())
-    return {"token": token, "ratio": top2[:, 1] / top2[:, 0], "mode": mode,
-            "mode_fraction": float((token == mode).mean())}
+    return HighestNorm(token, top2[:, 1] / top2[:, 0], mode, float((token == mode).mean()))
 
 
 def oneshot_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -392,7 +395,7 @@ def top_patch_share(trace: dict, frac: float = 0.01) -> np.ndarray:
     """Share of the last-block [CLS] attention over the patches (averaged over heads) that the top ``frac`` of
     the patches receive, per image (n,): near 1 when a few artifact patches draw the attention, ``frac`` for a
     flat map."""
-    P = int(trace["num_prefix_tokens"])
+    P = int(trace["meta"]["num_prefix_tokens"])
     a = np.asarray(trace["cls_attn"][:, :, P:], dtype=np.float64).mean(axis=1)
     k = max(1, int(np.ceil(frac * a.shape[1])))
     return np.sort(a, axis=1)[:, -k:].sum(axis=1) / a.sum(axis=1)
@@ -400,6 +403,6 @@ def top_patch_share(trace: dict, frac: float = 0.01) -> np.ndarray:
 
 def attention_maps(trace: dict) -> np.ndarray:
     """Last-block [CLS] attention over the patch grid, averaged over heads: (n, rows, cols)."""
-    P = int(trace["num_prefix_tokens"])
-    rows, cols = (int(v) for v in trace["grid"])
+    P = int(trace["meta"]["num_prefix_tokens"])
+    rows, cols = (int(v) for v in trace["meta"]["grid"])
     return trace["cls_attn"][:, :, P:].mean(axis=1).reshape(-1, rows, cols)

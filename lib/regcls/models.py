@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import dataset_files, decode_images, eval_config, is_labelled
 from .env import checkpoints_dir, hub_offline, hub_reachable
 from .errors import RegclsError
 from .planted import layer_scales, plant
-from .profiles import ModelSpec
+from .profiles import ModelSpec, TestTime
+from .testtime import TestTimeRegister, find_outlier_neurons
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -33,11 +35,13 @@ class TokenLayout:
 
 
 def layout(model: nn.Module) -> TokenLayout:
-    """Token layout of a (supported) timm VisionTransformer or Eva (DINOv3): [CLS], registers, patches."""
+    """Token layout of a (supported) timm VisionTransformer or Eva (DINOv3): [CLS], registers, patches. A test-time
+    register (:class:`regcls.testtime.TestTimeRegister`) counts as the last register."""
     attn = model.blocks[-1].attn
     reg = getattr(model, "reg_token", None)
-    registers = getattr(model, "num_reg_tokens", reg.shape[1] if reg is not None else 0)
-    return TokenLayout(num_prefix=model.num_prefix_tokens, num_registers=registers,
+    extra = getattr(model, "test_time_registers", 0)
+    registers = getattr(model, "num_reg_tokens", reg.shape[1] if reg is not None else 0) + extra
+    return TokenLayout(num_prefix=model.num_prefix_tokens + extra, num_registers=registers,
                        grid=tuple(model.patch_embed.grid_size), depth=len(model.blocks),
                        heads=attn.num_heads, dim=model.embed_dim)
 
@@ -210,7 +214,27 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 
 def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) -> nn.Module:
-    """The model of a profile entry, with its weights: checkpoint, hub, random (seeded) or planted."""
+    """The model of a profile entry, with its weights: checkpoint, hub, random (seeded) or planted; and its
+    test-time register, where the entry has one (attached for the model's life)."""
+    model = _with_weights(spec, img_size, checkpoint)
+    if spec.testtime is not None:
+        model.eval()
+        neurons = dict(spec.testtime.neurons) or _found_neurons(model, spec.testtime, img_size)
+        TestTimeRegister(model, neurons).attach()
+    return model
+
+
+def _found_neurons(model: nn.Module, tt: TestTime, img_size: int) -> dict[int, tuple[int, ...]]:
+    """The outlier units of ``model`` on the first images of the calibration set (one per class where labelled)."""
+    images = dataset_files(tt.calibration, tt.images, download=True,
+                           classes=tt.images if is_labelled(tt.calibration) else None)[:tt.images]
+    geometry, mean, std = eval_config(model, img_size)
+    store = decode_images(images.files, images.ids, geometry, progress=False)
+    x = store.normalized(mean, std)[0:len(store)].to(next(model.parameters()).dtype)
+    return find_outlier_neurons(model, x, tt.top_k)
+
+
+def _with_weights(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) -> nn.Module:
     overrides = dict(spec.overrides)
     if checkpoint is not None:
         model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
@@ -223,7 +247,7 @@ def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) 
         torch.manual_seed(int(arg or 0))
         return create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
     if kind == "checkpoint":
-        return build(ModelSpec(spec.size, spec.arch, overrides=spec.overrides), img_size, checkpoint_path(arg))
+        return _with_weights(ModelSpec(spec.size, spec.arch, overrides=spec.overrides), img_size, checkpoint_path(arg))
     if kind == "planted":
         model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
         return plant(model, arg)

@@ -13,11 +13,11 @@ import html
 import time
 
 from . import REPOSITORY, plots
-from .cache import PRECISIONS, profile_traces
+from .cache import PRECISIONS, profile_traces, trace_for
 from .claims import ClaimCheck, record, table
 from .env import hardware, image_cap
 from .errors import RegclsError
-from .profiles import Profile, active_profile
+from .profiles import ModelSpec, Profile, active_profile
 
 
 class Chapter:
@@ -38,6 +38,10 @@ class Chapter:
         """The profile's traces of the DINOv2 models with (or without) registers, keyed by size; or of ``specs``
         (e.g. ``profile.dinov3``)."""
         return profile_traces(self.profile, registers, dataset, img_size, crop_pct=crop_pct, specs=specs)
+
+    def trace(self, spec: ModelSpec, dataset: str | None = None, img_size: int | None = None):
+        """One model's trace (e.g. ``profile.testtime``) on the profile's images and settings, unless told."""
+        return trace_for(self.profile, spec, dataset, img_size)
 
     def glue(self, **values) -> None:
         """Numbers (and words) the prose cites with ``{glue:text}`NAME```."""
@@ -75,8 +79,9 @@ def banner(profile: Profile):
     if profile.name.startswith("smoke"):
         body = ("The figures on this page come from the <b>smoke profile</b>: tiny ViTs with planted weights "
                 "in the pattern the paper reports (the small sizes integrate patches; with registers the large "
-                "sizes read the registers, without registers the largest reads its own skip connection) on images that ship with Python "
-                "packages. The pattern is planted to check the analysis and is <b>no evidence for or against "
+                "sizes read the registers, without registers the largest reads its own skip connection; the DINOv3 "
+                "stand-ins alike; the model given a test-time register has two planted outlier units) on images "
+                "that ship with Python packages. The pattern is planted to check the analysis and is <b>no evidence for or against "
                 "the paper</b>; the paper profile gives the evidence. To get real figures, run the book with "
                 "<code>make book PROFILE=paper</code> on a GPU, or this notebook on Colab with "
                 "<code>REGCLS_PROFILE=laptop</code> or <code>paper</code>.")

@@ -27,6 +27,13 @@ then fixes the last block:
     leak in): the patch part says where the attention falls, not what the image holds. Expected: skip norm >
     100 x patch-part norm; cosine of the penultimate to the final [CLS] > 0.99; CKA of the standard output
     with the skip-only output > 0.99 and with the patch-only output < 0.5.
+``outlier_neurons`` (known answer for test-time registers, no registers needed)
+    Block ``OUTLIER_BLOCK``'s MLP units ``OUTLIER_UNITS`` fire, hugely, on the patches at ``OUTLIER_PATCHES`` only
+    (their position embedding carries a marker in reserved dimensions that nothing else writes) and write into
+    reserved dimensions O that nothing else writes: those patches become high-norm outliers, as DINOv2 without
+    registers makes them. Expected: :func:`regcls.testtime.find_outlier_neurons` with ``top_k=2`` finds exactly
+    those units; without a test-time register an outlier patch has the highest norm entering the last block, with
+    one the test-time register has it, and no patch is an outlier any more.
 """
 from __future__ import annotations
 
@@ -35,11 +42,14 @@ from torch import nn
 
 from .errors import RegclsError
 
-KINDS = ("patch_integrator", "register_reader", "skip_dominated")
-SEEDS = {"patch_integrator": 11, "register_reader": 12, "skip_dominated": 13}
+KINDS = ("patch_integrator", "register_reader", "skip_dominated", "outlier_neurons")
+SEEDS = {"patch_integrator": 11, "register_reader": 12, "skip_dominated": 13, "outlier_neurons": 14}
 HIGH = 2           # index of the high-norm register among the registers
 N_RESERVED = 4     # size of each reserved set of dimensions (O: outliers, E: register marker)
 Q_READ = 0.005     # query strength of the register reader per embedding dimension: how far the patches are ignored
+OUTLIER_BLOCK = 1            # outlier_neurons: the block whose MLP makes the outliers ...
+OUTLIER_UNITS = (5, 17)      # ... its units that do ...
+OUTLIER_PATCHES = (2, 7)     # ... and the patches (raster order) that become outliers
 
 
 def _reinit(model: nn.Module, gen: torch.Generator) -> None:
@@ -113,6 +123,11 @@ def plant(model: nn.Module, kind: str) -> nn.Module:
             if _query_bias(last.attn) is None:
                 raise RegclsError("register_reader needs a query bias (for DINOv3, the _qkvb models)")
             _plant_register_reader(model, L, D)
+        elif kind == "outlier_neurons":
+            if getattr(model, "pos_embed", None) is None:
+                raise RegclsError("outlier_neurons needs an absolute position embedding (a DINOv2-style ViT)")
+            _layerscale(model, [0.3] * L, [0.3] * L)
+            _plant_outlier_neurons(model, D)
     return model.eval()
 
 
@@ -138,6 +153,32 @@ def _position_only_values(model: nn.Module, D: int) -> None:
     others[pos] = False
     v[:, others] = 0.0
     v[:, pos] -= v[:, pos].mean(dim=1, keepdim=True)  # zero sum over pos: LayerNorm's mean term drops out
+
+
+def _plant_outlier_neurons(model: nn.Module, D: int) -> None:
+    O = torch.arange(0, N_RESERVED)                 # where the outlier units write
+    M = torch.arange(N_RESERVED, 2 * N_RESERVED)    # the marker of the outlier patches' positions
+    reserved = torch.cat([O, M])
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        if getattr(model, name, None) is not None:
+            getattr(model, name)[..., reserved] = 0.0
+    model.patch_embed.proj.weight[reserved] = 0.0
+    if model.patch_embed.proj.bias is not None:
+        model.patch_embed.proj.bias[reserved] = 0.0
+    first = model.pos_embed.shape[1] - model.patch_embed.num_patches   # 1 when [CLS] has a position
+    for p in OUTLIER_PATCHES:
+        model.pos_embed[0, first + p, M] = 3.0
+    for blk in model.blocks:                         # nothing writes O or M ...
+        for lin in (blk.attn.proj, blk.mlp.fc2):
+            lin.weight[reserved] = 0.0
+            if lin.bias is not None:
+                lin.bias[reserved] = 0.0
+    mlp = model.blocks[OUTLIER_BLOCK].mlp
+    for u in OUTLIER_UNITS:                          # ... but these units, which read M only
+        mlp.fc1.weight[u] = 0.0
+        mlp.fc1.weight[u, M] = 10.0
+        mlp.fc1.bias[u] = -5.0
+        mlp.fc2.weight[O, u] = 2.0
 
 
 def _plant_register_reader(model: nn.Module, L: int, D: int) -> None:

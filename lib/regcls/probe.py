@@ -6,6 +6,8 @@ scikit-learn fits' worth of CPU time): ``C * sum_i CE_i + ||W||^2 / 2``, interce
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -50,15 +52,23 @@ def _accuracy(Xtr, ytr, Xte, yte, classes: int, C: float) -> float:
     return float(((Xte @ W + b).argmax(1) == yte).double().mean())
 
 
+class ProbeResult(NamedTuple):
+    """A linear probe's held-out result (:func:`linear_probe`)."""
+    accuracy: float   # on the held-out split
+    chance: float     # always predicting the most frequent training class
+    C: float          # the regularisation cross-validation chose
+    n_train: int
+    n_test: int
+
+
 def linear_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float = 0.3,
-                 Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0), device: str | None = None) -> dict:
+                 Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0), device: str | None = None) -> ProbeResult:
     """Held-out accuracy of a linear classifier reading ``y`` from ``X`` (n, d).
 
     Features are standardised on the training split; C is chosen by stratified 3-fold cross-validation on
     the training split only (the first C of the best mean accuracy; C = 1 when a class has a single training
     image), in float32 on ``device`` (default:
-    CUDA when there is a GPU, else the CPU). Returns ``{"accuracy", "chance", "C", "n_train", "n_test"}``;
-    chance is the accuracy of always predicting the most frequent training class.
+    CUDA when there is a GPU, else the CPU).
     """
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -82,5 +92,4 @@ def linear_probe(X: np.ndarray, y: np.ndarray, seed: int = 0, test_size: float =
         best = 1.0
     values, counts = np.unique(y_idx[tr], return_counts=True)
     chance = float((y_idx[te] == values[counts.argmax()]).mean())
-    return {"accuracy": _accuracy(Xt[tr], yt[tr], Xt[te], yt[te], k, best), "chance": chance, "C": float(best),
-            "n_train": len(tr), "n_test": len(te)}
+    return ProbeResult(_accuracy(Xt[tr], yt[tr], Xt[te], yt[te], k, best), chance, float(best), len(tr), len(te))

@@ -16,12 +16,32 @@ from dataclasses import dataclass, replace
 
 from .env import hub_reachable, image_cap, native_bf16
 from .errors import RegclsError
+from .testtime import DINOV2_L_NEURONS
 
 SIZES = ("S", "B", "L", "g")  # the paper's order
 SIZE_NAMES = {"S": "small", "B": "base", "L": "large", "g": "giant"}
 DINOV3_NAMES = {"S": "small", "S+": "small_plus", "B": "base", "L": "large", "H+": "huge_plus"}
 ORDER = ("S", "S+", "B", "L", "H+", "g")   # every size of both series, smallest to largest (parameters)
 MATCHED = {"S": "S", "B": "B", "L": "L", "H+": "g"}   # DINOv3 size -> the DINOv2 size it is compared with
+
+
+@dataclass(frozen=True)
+class TestTime:
+    """A register added at test time (:mod:`regcls.testtime`): the MLP units whose activation moves into it, as
+    listed in ``neurons`` ((block, units) pairs), or, where that is empty, the ``top_k`` units that
+    :func:`regcls.testtime.find_outlier_neurons` finds on the first ``images`` images of ``calibration`` (one per
+    class of a labelled set; never the images a chapter evaluates)."""
+
+    neurons: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    calibration: str = ""
+    images: int = 64
+    top_k: int = 16
+
+    def describe(self) -> dict:
+        """Plain-data record for result files and cache keys."""
+        if self.neurons:
+            return {"neurons": {str(b): list(u) for b, u in self.neurons}}
+        return {"found_on": self.calibration, "images": self.images, "top_k": self.top_k}
 
 
 @dataclass(frozen=True)
@@ -38,6 +58,7 @@ class ModelSpec:
     tag: str | None = None
     weights: str = "hub"
     overrides: tuple[tuple[str, object], ...] = ()
+    testtime: TestTime | None = None   # a register added at test time (Jiang et al. 2025)
 
     @property
     def name(self) -> str:
@@ -50,15 +71,19 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        """Short label for figures: ``L+reg`` or ``L`` (DINOv2), ``H+ v3`` (DINOv3, which always has registers)."""
+        """Short label for figures: ``L+reg`` or ``L`` (DINOv2), ``L+ttr`` (a test-time register), ``H+ v3``
+        (DINOv3, which always has registers)."""
         if "dinov3" in self.arch:
             return f"{self.size} v3"
-        return self.size + ("+reg" if self.registers else "")
+        return self.size + ("+reg" if self.registers else "") + ("+ttr" if self.testtime else "")
 
     def describe(self) -> dict:
         """Plain-data record for result files."""
-        return {"size": self.size, "arch": self.arch, "name": self.name, "weights": self.weights,
-                "registers": self.registers, "overrides": dict(self.overrides)}
+        out = {"size": self.size, "arch": self.arch, "name": self.name, "weights": self.weights,
+               "registers": self.registers, "overrides": dict(self.overrides)}
+        if self.testtime is not None:   # only then: the other models keep their cache keys
+            out["test_time_register"] = self.testtime.describe()
+        return out
 
 
 @dataclass(frozen=True)
@@ -79,6 +104,7 @@ class Profile:
     appendix: tuple[tuple[str, tuple[ModelSpec, ...]], ...] = ()  # (family, models small to large)
     dinov3: tuple[ModelSpec, ...] = ()   # "Beyond the paper": DINOv3, small to large
     dinov3_img_size: int = 256           # DINOv3's own input size (its chapter also runs at img_size)
+    testtime: ModelSpec | None = None    # "Beyond the paper": a model without registers given a test-time register
     oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     labelled_classes: int | None = None  # the first classes of ``labelled`` (None = all)
     note: str = ""
@@ -155,6 +181,19 @@ def _tiny(size, arch, weights, **over) -> ModelSpec:
     return ModelSpec(size=size, arch=arch, weights=weights, overrides=tuple(sorted(over.items())))
 
 
+def with_test_time_register(spec: ModelSpec, testtime: TestTime) -> ModelSpec:
+    """``spec`` (a DINOv2 without registers) given a test-time register."""
+    return replace(spec, testtime=testtime)
+
+
+def smoke_testtime(size: str) -> ModelSpec:
+    """A tiny DINOv2 without registers planted with known outlier neurons (:mod:`regcls.planted`), whose two units
+    the discovery must find on shipped images."""
+    base = ModelSpec(size, dinov2(size, False).arch, None, "planted:outlier_neurons",
+                     tuple(sorted(SMOKE_SIZES[size].items())))
+    return with_test_time_register(base, TestTime(calibration="samples-crops", images=16, top_k=2))
+
+
 # The appendix families (paper Figs. 7-9). Each size series is one training recipe, so that size is not confounded
 # with data: DeiT III ImageNet-22k -> 1k at every size, CLIP trained on LAION-2B at every size (OpenAI's weights
 # stop at L). The paper's DeiT III "tiny trained on less data" is its own entry: timm has no DeiT III tiny, so the
@@ -199,18 +238,20 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke", models=_all(smoke_model), dataset="samples", limit=None,
         labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16, device="cpu", alt_img_size=224,
-        appendix=SMOKE_APPENDIX, dinov3=SMOKE_DINOV3, dinov3_img_size=128,
+        appendix=SMOKE_APPENDIX, dinov3=SMOKE_DINOV3, dinov3_img_size=128, testtime=smoke_testtime("L"),
         note="tiny planted-control ViTs on images shipped with installed packages"),
     "laptop": Profile(
         name="laptop", models=tuple(dinov2(s, r) for r in (True, False) for s in ("S", "B")),
         dataset="coco-val2017", limit=300, labelled="imagenetv2", labelled_limit=1000, labelled_classes=100,
         img_size=224, batch_size=None, device="auto", appendix=tuple((f, m[:2]) for f, m in PAPER_APPENDIX),
         dinov3=(dinov3("S"), dinov3("B")),
+        testtime=with_test_time_register(dinov2("B", False), TestTime(calibration="imagenetv2", images=64, top_k=16)),
         note="real DINOv2 small and base on 300 COCO val2017 images (ImageNetV2: 100 classes, 10 images each)"),
     "paper": Profile(
         name="paper", models=_all(dinov2), dataset="coco-val2017", limit=None,
         labelled="imagenetv2", labelled_limit=None, img_size=224, batch_size=None, device="cuda",
         appendix=PAPER_APPENDIX, dinov3=tuple(dinov3(s) for s in DINOV3_NAMES),
+        testtime=with_test_time_register(dinov2("L", False), TestTime(neurons=tuple(sorted(DINOV2_L_NEURONS.items())))),
         note="real DINOv2 S/B/L/g on all 5,000 COCO val2017 images and ImageNetV2"),
 }
 # The smoke models in the shape of ``laptop`` (S and B only; one model of each appendix family, fewer than any
@@ -218,7 +259,7 @@ PROFILES: dict[str, Profile] = {
 # the tests run every chapter on it, so a chapter that indexes a size a profile lacks fails in seconds.
 PROFILES["smoke-laptop"] = replace(
     PROFILES["smoke"], name="smoke-laptop", models=tuple(m for m in PROFILES["smoke"].models if m.size in ("S", "B")),
-    appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX), dinov3=SMOKE_DINOV3[:2],
+    appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX), dinov3=SMOKE_DINOV3[:2], testtime=smoke_testtime("B"),
     note="the smoke profile's S and B models only, shaped like the laptop profile (for tests)")
 
 

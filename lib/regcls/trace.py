@@ -13,7 +13,8 @@ key                                 shape         what
 ``attn_out_{cls,reg,patch}``        (n, D)        the same after the output projection and LayerScale
 ``attn_out_bias``                   (D,)          the projection bias after LayerScale
 ``attn_out_full``                   (n, D)        the three parts + the bias: the block's attention branch
-``skip``                            (n, D)        [CLS] hidden state entering the last block
+``skip``                            (n, D)        [CLS] hidden state entering the last block (derived:
+                                                  ``prefix_penult[:, 0]``, not stored twice)
 ``cls_layers``                      (n, L, D)     [CLS] hidden state after every block (before final norm)
 ``prefix_penult`` / ``_ln``         (n, P, D)     prefix tokens entering the last block, raw / after norm1
 ``token_norms_penult``              (n, N)        L2 norm of every token entering the last block
@@ -43,17 +44,20 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import Normalized, decode_images, eval_config, image_store
+from .data import ImageList, Normalized, decode_images, eval_config, image_store
 from .env import native_bf16, native_tf32
 from .errors import RegclsError
 from .files import atomic_savez, atomic_write_text, disk_error, output_lock
 from .metrics import cka, mean_pairwise_cosine
 from .models import layer_scale, layout
+from .profiles import ModelSpec
 
-TRACE_SCHEMA = 3
+TRACE_SCHEMA = 4
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
              "attn_out_reg", "attn_out_patch", "attn_out_full", "skip", "cls_layers", "prefix_penult",
              "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "patch_sample_penult", "cls_final")
+DERIVED = ("skip",)   # views of stored arrays, added by Tracer.run and load_trace, never written
+STORED = tuple(k for k in PER_IMAGE if k not in DERIVED)
 PARTS = ("cls", "reg", "patch")
 N_PATCH_SAMPLE = 8
 
@@ -155,7 +159,6 @@ class Tracer:
 
         def on_last_in(_mod, inp):
             x = inp[0]
-            self.rec["skip"] = x[:, 0].clone()
             self.rec["prefix_penult"] = x[:, :P].clone()
             self.rec["patch_mean_penult"] = x[:, P:].mean(dim=1)
             idx = torch.as_tensor(patch_sample_index(x.shape[1] - P) + P, device=x.device)  # pragma: no mutate (GPU only)
@@ -197,6 +200,7 @@ class Tracer:
         del feats
         rec["attn_mass"] = torch.stack(self._mass, dim=1)       # (B, L, H, 3)
         rec["cls_layers"] = torch.stack(self._layers, dim=1)    # (B, L, D)
+        _derive(rec)
         with torch.autocast(images.device.type, enabled=False):  # float32 (or wider), also under autocast
             self._project(rec)
         return rec
@@ -321,9 +325,16 @@ def trace_batch(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tenso
 
 # ---------------------------------------------------------------------------------------- files
 
+def _derive(tr: dict) -> None:
+    """Add the :data:`DERIVED` arrays as views: ``skip`` (n, D) is the [CLS] of ``prefix_penult``."""
+    if "prefix_penult" in tr:
+        tr["skip"] = tr["prefix_penult"][:, 0]
+
+
 def save_trace(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Save a trace: float32 arrays plus metadata (model, weights, dataset, sizes, version, options)."""
-    out = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items() if k not in ("image_ids", "labels")}
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()
+           if k not in ("image_ids", "labels", *DERIVED)}
     out["image_ids"] = np.asarray(arrays["image_ids"], dtype=str)
     if "labels" in arrays:
         out["labels"] = np.asarray(arrays["labels"], dtype=np.int64)
@@ -331,10 +342,6 @@ def save_trace(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> N
         if k not in meta:
             raise ValueError(f"trace metadata lacks {k!r}")
     meta = {"regcls_version": __version__, "trace_schema": TRACE_SCHEMA, **meta}
-    for k, v in meta.items():  # plain values also as arrays; everything in meta_json
-        arr = np.asarray(v) if not isinstance(v, dict) else None
-        if arr is not None and arr.dtype != object:
-            out[k] = arr
     out["meta_json"] = np.asarray(json.dumps(meta, sort_keys=True, default=str))
     atomic_savez(path, out)
 
@@ -365,6 +372,14 @@ class Trace(dict):
     def n_images(self) -> int:
         return int(self["meta"].get("n_images", len(self.get("image_ids", ()))))
 
+    @property
+    def label(self) -> str:
+        """The model's short label for figures and tables: ``L+reg``, ``L``, ``L+ttr``, ``H+ v3``
+        (:attr:`ModelSpec.label`)."""
+        spec = self["meta"].get("model_spec") or {}
+        label = ModelSpec(spec.get("size", "?"), spec.get("arch", self["meta"]["model"])).label
+        return label + ("+ttr" if "test_time_register" in spec else "")
+
 
 def load_trace(path: str | Path, meta_only: bool = False) -> Trace:
     """Read a trace: a :class:`Trace` of arrays; ``meta`` holds the metadata as plain Python.
@@ -379,6 +394,7 @@ def load_trace(path: str | Path, meta_only: bool = False) -> Trace:
     if tr["meta"].get("trace_schema") != TRACE_SCHEMA:
         raise RegclsError(f"trace {path} has schema {tr['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}; "
                           "delete it to recompute")
+    _derive(tr)
     return Trace(tr)
 
 
@@ -424,7 +440,7 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
             raise RegclsError(f"{p} was traced with other settings ({', '.join(diff)}) and cannot be merged")
         if not np.array_equal(t["attn_out_bias"], traces[0]["attn_out_bias"]):
             raise RegclsError(f"{p} comes from other weights and cannot be merged")
-    arrays = {k: np.concatenate([t[k] for t in traces]) for k in PER_IMAGE}
+    arrays = {k: np.concatenate([t[k] for t in traces]) for k in STORED}
     arrays["attn_out_bias"] = traces[0]["attn_out_bias"]
     arrays["image_ids"] = np.concatenate([t["image_ids"] for t in traces])
     if "labels" in traces[0]:
@@ -445,9 +461,12 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
 def trace_meta(net: nn.Module, **meta) -> dict:
     """Metadata from the network's layout plus what the caller knows (model name, weights, dataset ...)."""
     lay = layout(net)
-    return {"num_prefix_tokens": lay.num_prefix, "num_registers": lay.num_registers, "grid": list(lay.grid),
-            "patch_sample_index": patch_sample_index(lay.grid[0] * lay.grid[1]).tolist(),
-            "depth": lay.depth, "heads": lay.heads, "dim": lay.dim, **meta}
+    out = {"num_prefix_tokens": lay.num_prefix, "num_registers": lay.num_registers, "grid": list(lay.grid),
+           "patch_sample_index": patch_sample_index(lay.grid[0] * lay.grid[1]).tolist(),
+           "depth": lay.depth, "heads": lay.heads, "dim": lay.dim}
+    if getattr(net, "test_time_registers", 0):   # the units moved into the test-time register, as used
+        out["test_time_neurons"] = {str(b): list(u) for b, u in net.test_time_neurons.items()}
+    return {**out, **meta}
 
 
 # ------------------------------------------------------------------------------ many images
@@ -456,10 +475,10 @@ def _pack(rec: dict[str, torch.Tensor]) -> tuple:
     """A batch's arrays in one buffer, on its way to the host: one device-to-host copy per batch instead of one
     per array. On CUDA the copy goes to pinned memory without blocking, and an event marks its end (the writer
     thread waits on it); float64 (the exactness tests) travels as float64, everything else as float32."""
-    wide = any(rec[k].dtype == torch.float64 for k in PER_IMAGE)  # pragma: no mutate (memory only: exact either way)
+    wide = any(rec[k].dtype == torch.float64 for k in STORED)  # pragma: no mutate (memory only: exact either way)
     dtype = torch.float64 if wide else torch.float32  # pragma: no mutate (memory only: exact either way)
-    layout_ = [(k, tuple(rec[k].shape), rec[k].dtype == torch.float64) for k in PER_IMAGE]
-    flat = torch.cat([rec[k].detach().reshape(-1).to(dtype) for k in PER_IMAGE])  # pragma: no mutate (cat promotes)
+    layout_ = [(k, tuple(rec[k].shape), rec[k].dtype == torch.float64) for k in STORED]
+    flat = torch.cat([rec[k].detach().reshape(-1).to(dtype) for k in STORED])  # pragma: no mutate (cat promotes)
     if flat.device.type != "cuda":  # pragma: no mutate (GPU only)
         return flat, layout_, None
     host = torch.empty(flat.shape, dtype=dtype, pin_memory=True)  # pragma: no mutate (GPU only)
@@ -706,10 +725,10 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
     for f in pending:
         f.result()  # a failed write raises here
     arrays = {k: np.concatenate([np.load(parts_dir / f"{a:09d}-{b:09d}.npz")[k] for a, b in done])
-              for k in PER_IMAGE}
+              for k in STORED}
     arrays["attn_out_bias"] = bias.detach().float().cpu().numpy()
     arrays["image_ids"] = np.asarray(ids)
-    meta = {**meta, "precision": precision_label(device, mode)}
+    meta = {**meta, "precision": precision_label(device, mode), "precision_mode": mode}
     if asked:   # the checks that decided: bf16's, and TF32's where bf16 failed on a GPU that has it
         meta = {**meta, "amp_used": mode == "bf16", "amp_check": checks.get("bf16"),
                 **({"tf32_check": checks["tf32"]} if "tf32" in checks else {})}
@@ -731,7 +750,7 @@ def _describe_check(check: dict) -> str:
     return f"{check_summary(check)}; tolerance {AMP_TOLERANCE}"
 
 
-def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarray | None, *, out: str | Path,
+def trace_files(model: nn.Module, images: ImageList, *, out: str | Path,
                 meta: dict, img_size: int, batch_size: int | None = None, device: str = "cpu", amp: bool = False,
                 progress: bool = True, store_cache: str | Path | None = None, crop_pct: float | None = None,
                 check_files: list | None = None):
@@ -739,9 +758,8 @@ def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarra
 
     Args:
         model: a supported timm ViT.
-        files: image files (unreadable ones are skipped, named and counted).
-        ids: one id per file.
-        labels: one class label per file, stored with the trace (None: no labels).
+        images: the image files with their ids and labels (:func:`regcls.data.dataset_files`); unreadable files
+            are skipped, named and counted; labels (where not None) are stored with the trace.
         out: the trace file to write.
         meta: model, weights and dataset; the preprocessing, the image count and the skipped files are added here.
         img_size: input resolution in pixels.
@@ -755,13 +773,13 @@ def trace_files(model: nn.Module, files: list, ids: list[str], labels: np.ndarra
         The image store (its ``skipped`` lists unreadable files).
     """
     geometry, mean, std = eval_config(model, img_size, crop_pct)
-    store = image_store(files, ids, geometry, cache=store_cache, progress=progress)
+    store = image_store(images.files, images.ids, geometry, cache=store_cache, progress=progress)
     meta = trace_meta(model, img_size=img_size, n_images=len(store), skipped=len(store.skipped), amp=amp,
                       mean=list(mean), std=list(std), geometry=geometry.key(), **meta)
     extra = None
-    if labels is not None:
-        pos = {i: k for k, i in enumerate(ids)}
-        extra = {"labels": np.asarray(labels)[[pos[i] for i in store.ids]]}
+    if images.labels is not None:
+        pos = {i: k for k, i in enumerate(images.ids)}
+        extra = {"labels": np.asarray(images.labels)[[pos[i] for i in store.ids]]}
     check = None
     if amp and check_files:
         head = decode_images(list(check_files)[:32], [str(f) for f in list(check_files)[:32]], geometry, progress=False)
