@@ -54,6 +54,12 @@ EXPECTED = {
     ("Beyond", "DINOv3: at the largest size the patch-based output is far"): True,
     ("Beyond", "Test-time register: it takes over the high norm"): True,
     ("Beyond", "Test-time register: no patch stays a high-norm outlier"): True,
+    ("Beyond", "Replacement: at the largest size the registers carry image information"): True,
+    ("Beyond", "Replacement: at the largest size the mean of the registers' part serves"): (
+        False, "the planted register reader's registers carry the image: their mean cannot stand in for them"),
+    ("Beyond", "Replacement: in the smallest model the register part is an offset"): True,
+    ("Beyond", "Fix-Reg-Mean: at the largest size registers fixed to their mean"): (
+        False, "the planted register reader reads the image from its registers: fixed, they carry none"),
 }
 
 
@@ -69,7 +75,7 @@ def rows():
         for name in ("sec3_1_register_attention.ipynb", "sec3_2_register_norms.ipynb",
                      "sec3_3_register_knockout.ipynb", "sec3_4_attention_maps.ipynb",
                      "sec4_1_skip_connection.ipynb", "appendix_other_recipes.ipynb", "beyond_dinov3.ipynb",
-                     "beyond_test_time_registers.ipynb"):
+                     "beyond_test_time_registers.ipynb", "beyond_replacement_controls.ipynb"):
             run_notebook(name)
         checks = collect("smoke")
     return checks

@@ -9,11 +9,13 @@ import torch
 
 from helpers import images, tiny
 from regcls import planted
+from regcls.cache import get_trace
 from regcls.data import dataset_files, decode_images, eval_config
 from regcls.errors import RegclsError
 from regcls.models import build, layout
 from regcls.profiles import PROFILES
-from regcls.testtime import DINOV2_L_NEURONS, TestTimeRegister, find_outlier_neurons, signed_max
+from regcls.testtime import (DINOV2_L_NEURONS, FixedRegisters, TestTimeRegister, find_outlier_neurons,
+                             register_means, signed_max)
 from regcls.trace import load_trace, run_trace, trace_batch, trace_meta
 
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -169,3 +171,56 @@ def test_the_test_time_register_takes_the_outliers_norm(planted_case, tmp_path):
     assert (after.argmax(1) == 1).all()                 # the test-time register has the highest norm
     assert np.max(after[:, 2:]) < 3 * np.median(after)  # and no patch is an outlier any more
     assert tr.num_registers == 1 and tr.label == "L+ttr" and tr.meta["test_time_neurons"] == {"1": [5, 17]}
+
+
+# ----------------------------------------------------------------------- Fix-Reg-Mean
+
+def test_fixed_registers_equal_the_method_written_out():
+    model = tiny("dinov2_reg4")
+    x = images(model, n=3)
+    means = torch.randn(len(model.blocks), 4, model.embed_dim, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+    with FixedRegisters(model, means), torch.no_grad():
+        got = model.forward_features(x)
+        alone = torch.cat([model.forward_features(x[i:i + 1]) for i in range(len(x))])
+    with torch.no_grad():                                   # by hand: overwrite the registers before every block
+        t = model._pos_embed(model.patch_embed(x))
+        for b, blk in enumerate(model.blocks):
+            t = t.clone()
+            t[:, 1:5] = means[b]
+            t = blk(t)
+        ref = model.norm(t)
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(got, alone, **TOL)                       # the same registers for every image
+    assert model.fixed_register_means is None
+
+
+def test_an_images_own_register_means_change_nothing_for_it():
+    model = tiny("dinov2_reg4")
+    x = images(model, n=2)
+    with torch.no_grad():
+        plain = model.forward_features(x[:1])
+        with FixedRegisters(model, register_means(model, x[:1])):
+            torch.testing.assert_close(model.forward_features(x[:1]), plain, **TOL)
+            assert (model.forward_features(x[1:]) - plain).abs().max() > 1e-3   # another image's registers differ
+        torch.testing.assert_close(model.forward_features(x[:1]), plain, rtol=0, atol=0)   # detached
+
+
+def test_fixed_registers_refuse_what_they_cannot_fix():
+    with pytest.raises(RegclsError, match="needs a model with registers"):
+        FixedRegisters(tiny("dinov2"), torch.zeros(3, 0, 32))
+    model = tiny("dinov2_reg4")
+    with pytest.raises(RegclsError, match=r"this model needs \(3, 4, 32\)"):
+        FixedRegisters(model, torch.zeros(3, 4, 16))
+
+
+def test_a_fixed_trace_stores_its_means():
+    smoke = PROFILES["smoke"]
+    spec = smoke.with_fixed_registers(smoke.model("L", True), smoke.dataset)
+    assert spec.fix_registers.calibration == smoke.labelled and spec.label == "L+reg fixed"   # the other images
+    tr = get_trace(spec, smoke.dataset, img_size=smoke.img_size, limit=6, progress=False)
+    means = build(spec, smoke.img_size).fixed_register_means                 # calibrated again: the same
+    np.testing.assert_allclose(tr["register_means"], means.numpy(), rtol=1e-6)
+    assert tr.label == "L+reg fixed" and len(tr.meta["fixed_register_means_sha256"]) == 16
+    plain = get_trace(smoke.model("L", True), smoke.dataset, img_size=smoke.img_size, limit=6, progress=False)
+    assert "register_means" not in plain and not np.allclose(plain["cls_final"], tr["cls_final"])

@@ -115,7 +115,8 @@ def _loaded(trace: dict) -> dict:
     if said:   # a lower precision was asked for: the checks decided, with these figures
         label += f" ({'; '.join(said)})"
     crop = "" if meta.get("geometry", "").split("-")[1:2] in ([], ["1.0"]) else f", {meta['geometry']}"
-    ttr = " with a test-time register" if "test_time_neurons" in meta else ""
+    ttr = (" with a test-time register" if "test_time_neurons" in meta else "") + (
+        " with fixed registers" if "fixed_register_means_sha256" in meta else "")
     PRECISIONS[f"{meta.get('model', '?')}{ttr} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px{crop}"] = label
     return trace
 
@@ -155,8 +156,9 @@ def workload(profile: Profile) -> list[Job]:
     """Every trace the chapters read on ``profile``, each once: both model series on the unlabelled set, the
     models with registers on the labelled set, at the other resolution and with the other preprocessing, the
     models without registers at the other resolution (Sec. 4.1's sensitivity), the appendix families, and beyond
-    the paper DINOv3 on both sets, also at its own input size, and the model with a test-time register (with the
-    model it is built on, where the profile does not trace that already)."""
+    the paper DINOv3 on both sets, also at its own input size, the model with a test-time register (with the
+    model it is built on, where the profile does not trace that already), and the models with registers fixed to
+    their mean (Fix-Reg-Mean) on both sets."""
     jobs = [Job(m, profile.dataset, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
     jobs += [Job(m, profile.labelled, profile.img_size) for m in profile.models_with(True)]
     jobs += [Job(m, profile.dataset, profile.alt_img_size) for reg in (True, False) for m in profile.models_with(reg)]
@@ -169,4 +171,6 @@ def workload(profile: Profile) -> list[Job]:
         for m in (replace(profile.testtime, testtime=None), profile.testtime):
             if Job(m, profile.dataset, profile.img_size) not in jobs:
                 jobs.append(Job(m, profile.dataset, profile.img_size))
+    jobs += [Job(profile.with_fixed_registers(m, ds), ds, profile.img_size)
+             for ds in (profile.dataset, profile.labelled) for m in profile.models_with(True)]
     return jobs

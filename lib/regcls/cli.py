@@ -99,7 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         models.setdefault(j.spec.name, replace(j.spec, testtime=None))   # one download per weights
     for name, m in models.items():
         src = f"hub: hf-hub:timm/{name}" if m.weights == "hub" else m.weights
-        print(f"  model {m.label:6s} {name:45s} {src}")
+        print(f"  model {m.label:11s} {name:45s} {src}")
     for ds, limit in ((prof.dataset, prof.limit), (prof.labelled, prof.labelled_limit)):
         if ds in DATASETS:
             s = DATASETS[ds]
@@ -109,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"  {len(jobs)} traces:")
     for j in jobs:
         crop = f", crop {j.crop_pct}" if j.crop_pct else ""
-        print(f"  trace {j.spec.label:6s} {j.spec.name:45s} {j.dataset} at {j.img_size} px{crop}")
+        print(f"  trace {j.spec.label:11s} {j.spec.name:45s} {j.dataset} at {j.img_size} px{crop}")
     return 0
 
 

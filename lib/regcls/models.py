@@ -14,8 +14,8 @@ from .data import dataset_files, decode_images, eval_config, is_labelled
 from .env import checkpoints_dir, hub_offline, hub_reachable
 from .errors import RegclsError
 from .planted import layer_scales, plant
-from .profiles import ModelSpec, TestTime
-from .testtime import TestTimeRegister, find_outlier_neurons
+from .profiles import ModelSpec
+from .testtime import FixedRegisters, TestTimeRegister, find_outlier_neurons, register_means
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -215,23 +215,29 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) -> nn.Module:
     """The model of a profile entry, with its weights: checkpoint, hub, random (seeded) or planted; and its
-    test-time register, where the entry has one (attached for the model's life)."""
+    test-time register or its registers fixed to their mean, where the entry asks for them (attached for the
+    model's life)."""
     model = _with_weights(spec, img_size, checkpoint)
     if spec.testtime is not None:
         model.eval()
-        neurons = dict(spec.testtime.neurons) or _found_neurons(model, spec.testtime, img_size)
+        tt = spec.testtime
+        neurons = dict(tt.neurons) or find_outlier_neurons(
+            model, calibration_images(model, tt.calibration, tt.images, img_size), tt.top_k)
         TestTimeRegister(model, neurons).attach()
+    if spec.fix_registers is not None:
+        model.eval()
+        fr = spec.fix_registers
+        FixedRegisters(model, register_means(model, calibration_images(model, fr.calibration, fr.images,
+                                                                          img_size))).attach()
     return model
 
 
-def _found_neurons(model: nn.Module, tt: TestTime, img_size: int) -> dict[int, tuple[int, ...]]:
-    """The outlier units of ``model`` on the first images of the calibration set (one per class where labelled)."""
-    images = dataset_files(tt.calibration, tt.images, download=True,
-                           classes=tt.images if is_labelled(tt.calibration) else None)[:tt.images]
+def calibration_images(model: nn.Module, dataset: str, n: int, img_size: int) -> torch.Tensor:
+    """The first ``n`` images of ``dataset`` (one per class where labelled) as ``model`` sees them (n, 3, S, S)."""
+    images = dataset_files(dataset, n, download=True, classes=n if is_labelled(dataset) else None)[:n]
     geometry, mean, std = eval_config(model, img_size)
     store = decode_images(images.files, images.ids, geometry, progress=False)
-    x = store.normalized(mean, std)[0:len(store)].to(next(model.parameters()).dtype)
-    return find_outlier_neurons(model, x, tt.top_k)
+    return store.normalized(mean, std)[0:len(store)].to(next(model.parameters()).dtype)
 
 
 def _with_weights(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) -> nn.Module:

@@ -34,6 +34,13 @@ then fixes the last block:
     registers makes them. Expected: :func:`regcls.testtime.find_outlier_neurons` with ``top_k=2`` finds exactly
     those units; without a test-time register an outlier patch has the highest norm entering the last block, with
     one the test-time register has it, and no patch is an outlier any more.
+``constant_registers`` (known answer for the replacement controls, needs registers)
+    A patch integrator (uniform last-block attention) whose registers carry a huge constant in reserved
+    dimensions E that nothing else writes, and whose last-block values read E strongly: the register part of the
+    [CLS] output is a large offset, the same for every image up to a trace of image content. Expected: replacing
+    it by its mean keeps the output (CKA > 0.99, one-shot accuracy unchanged); zeroing it keeps CKA (which centres)
+    but not the one-shot accuracy of a classifier trained on unaltered outputs. The register reader is the
+    opposite control: its registers carry the image, so every replacement hurts.
 """
 from __future__ import annotations
 
@@ -42,14 +49,17 @@ from torch import nn
 
 from .errors import RegclsError
 
-KINDS = ("patch_integrator", "register_reader", "skip_dominated", "outlier_neurons")
-SEEDS = {"patch_integrator": 11, "register_reader": 12, "skip_dominated": 13, "outlier_neurons": 14}
+KINDS = ("patch_integrator", "register_reader", "skip_dominated", "outlier_neurons", "constant_registers")
+SEEDS = {"patch_integrator": 11, "register_reader": 12, "skip_dominated": 13, "outlier_neurons": 14,
+         "constant_registers": 15}
 HIGH = 2           # index of the high-norm register among the registers
 N_RESERVED = 4     # size of each reserved set of dimensions (O: outliers, E: register marker)
 Q_READ = 0.005     # query strength of the register reader per embedding dimension: how far the patches are ignored
 OUTLIER_BLOCK = 1            # outlier_neurons: the block whose MLP makes the outliers ...
 OUTLIER_UNITS = (5, 17)      # ... its units that do ...
 OUTLIER_PATCHES = (2, 7)     # ... and the patches (raster order) that become outliers
+CONSTANT_MARKER = 300.0      # constant_registers: the registers' constant in E ...
+CONSTANT_READ = 1.0          # ... and how strongly the last block's values read it
 
 
 def _reinit(model: nn.Module, gen: torch.Generator) -> None:
@@ -123,6 +133,11 @@ def plant(model: nn.Module, kind: str) -> nn.Module:
             if _query_bias(last.attn) is None:
                 raise RegclsError("register_reader needs a query bias (for DINOv3, the _qkvb models)")
             _plant_register_reader(model, L, D)
+        elif kind == "constant_registers":
+            if getattr(model, "reg_token", None) is None:
+                raise RegclsError("constant_registers needs registers")
+            _layerscale(model, [0.3] * (L - 1) + [4.0], [0.3] * (L - 1) + [0.05])
+            _plant_constant_registers(model, D)
         elif kind == "outlier_neurons":
             if getattr(model, "pos_embed", None) is None:
                 raise RegclsError("outlier_neurons needs an absolute position embedding (a DINOv2-style ViT)")
@@ -179,6 +194,25 @@ def _plant_outlier_neurons(model: nn.Module, D: int) -> None:
         mlp.fc1.weight[u, M] = 10.0
         mlp.fc1.bias[u] = -5.0
         mlp.fc2.weight[O, u] = 2.0
+
+
+def _plant_constant_registers(model: nn.Module, D: int) -> None:
+    E = torch.arange(N_RESERVED, 2 * N_RESERVED)
+    for p in (model.cls_token, model.pos_embed):
+        if p is not None:
+            p[..., E] = 0.0
+    model.patch_embed.proj.weight[E] = 0.0
+    if model.patch_embed.proj.bias is not None:
+        model.patch_embed.proj.bias[E] = 0.0
+    model.reg_token[..., E] = CONSTANT_MARKER
+    for blk in model.blocks:
+        for lin in (blk.attn.proj, blk.mlp.fc2):
+            lin.weight[E] = 0.0
+            if lin.bias is not None:
+                lin.bias[E] = 0.0
+    qkv = model.blocks[-1].attn.qkv
+    qkv.weight[:D].zero_()                           # zero queries: uniform attention, the same on every image
+    qkv.weight[2 * D:, E] = CONSTANT_READ            # the values read the registers' constant
 
 
 def _plant_register_reader(model: nn.Module, L: int, D: int) -> None:

@@ -58,17 +58,20 @@ def interval_table(rows: list[dict]):
 
 
 def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], parts: tuple[str, ...],
-                  xlabels: dict[str, str] | None = None) -> None:
+                  xlabels: dict[str, str] | None = None, colors: dict[str, str] | None = None,
+                  label: str = "{} only") -> None:
     """Grouped bars of ``(value, low, high)`` per model size and part, with 95% interval whiskers.
 
-    ``stats[size][part]`` as :func:`regcls.metrics.bootstrap_ci` returns it; colours by part.
+    ``stats[size][part]`` as :func:`regcls.metrics.bootstrap_ci` returns it; colours by part (or ``colors``), and
+    each bar group's legend entry is ``label`` filled with the part's name.
     """
     sizes = list(stats)
     width = 0.8 / len(parts)
     for j, part in enumerate(parts):
         v = np.array([stats[s][part] for s in sizes], dtype=float)
         x = np.arange(len(sizes)) + (j - (len(parts) - 1) / 2) * width
-        ax.bar(x, v[:, 0], width=width, color=PART_COLORS.get(part, "#444"), label=f"{PART_NAMES.get(part, part)} only")
+        ax.bar(x, v[:, 0], width=width, color=(colors or PART_COLORS).get(part, "#444"),
+               label=label.format(PART_NAMES.get(part, part)))
         ok = np.isfinite(v[:, 1:]).all(axis=1)  # the interval as drawn: a percentile interval need not hold
         ax.vlines(x[ok], v[ok, 1], v[ok, 2], color="k", lw=1)  # the estimate (few images), so no error bars
     ax.set_xticks(range(len(sizes)), [(xlabels or {}).get(s, s) for s in sizes])

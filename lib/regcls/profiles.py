@@ -45,6 +45,18 @@ class TestTime:
 
 
 @dataclass(frozen=True)
+class FixRegMean:
+    """Registers fixed to their mean at every block input (:class:`regcls.testtime.FixedRegisters`), the means
+    taken over the first ``images`` images of ``calibration`` (one per class of a labelled set)."""
+
+    calibration: str
+    images: int = 64
+
+    def describe(self) -> dict:
+        return {"calibration": self.calibration, "images": self.images}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model of a profile.
 
@@ -59,6 +71,7 @@ class ModelSpec:
     weights: str = "hub"
     overrides: tuple[tuple[str, object], ...] = ()
     testtime: TestTime | None = None   # a register added at test time (Jiang et al. 2025)
+    fix_registers: FixRegMean | None = None   # registers fixed to their mean (Fix-Reg-Mean)
 
     @property
     def name(self) -> str:
@@ -75,7 +88,8 @@ class ModelSpec:
         (DINOv3, which always has registers)."""
         if "dinov3" in self.arch:
             return f"{self.size} v3"
-        return self.size + ("+reg" if self.registers else "") + ("+ttr" if self.testtime else "")
+        return (self.size + ("+reg" if self.registers else "") + ("+ttr" if self.testtime else "")
+                + (" fixed" if self.fix_registers else ""))
 
     def describe(self) -> dict:
         """Plain-data record for result files."""
@@ -83,6 +97,8 @@ class ModelSpec:
                "registers": self.registers, "overrides": dict(self.overrides)}
         if self.testtime is not None:   # only then: the other models keep their cache keys
             out["test_time_register"] = self.testtime.describe()
+        if self.fix_registers is not None:
+            out["fixed_registers"] = self.fix_registers.describe()
         return out
 
 
@@ -105,6 +121,7 @@ class Profile:
     dinov3: tuple[ModelSpec, ...] = ()   # "Beyond the paper": DINOv3, small to large
     dinov3_img_size: int = 256           # DINOv3's own input size (its chapter also runs at img_size)
     testtime: ModelSpec | None = None    # "Beyond the paper": a model without registers given a test-time register
+    calibration_images: int = 64         # images whose register means Fix-Reg-Mean uses (from the other dataset)
     oneshot_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     labelled_classes: int | None = None  # the first classes of ``labelled`` (None = all)
     note: str = ""
@@ -135,6 +152,12 @@ class Profile:
             return min(limit or cap, cap), None
         classes = max(2, min(classes or cap // 2, cap // 2))
         return min(limit or 2 * classes, 2 * classes), classes
+
+    def with_fixed_registers(self, spec: ModelSpec, dataset: str) -> ModelSpec:
+        """``spec`` with Fix-Reg-Mean for a trace on ``dataset``: the means come from the profile's other dataset,
+        never from the images the trace measures."""
+        other = self.labelled if dataset == self.dataset else self.dataset
+        return replace(spec, fix_registers=FixRegMean(other, self.calibration_images))
 
     def model(self, size: str, registers: bool) -> ModelSpec:
         for m in self.models_with(registers):
@@ -194,6 +217,16 @@ def smoke_testtime(size: str) -> ModelSpec:
     return with_test_time_register(base, TestTime(calibration="samples-crops", images=16, top_k=2))
 
 
+# The known answers of the replacement controls (regcls.ablation), traced on every profile's smoke images: registers
+# that carry the image (every replacement hurts) and registers that add a constant (only zeroing hurts, and only the
+# one-shot test).
+REPLACEMENT_CONTROLS = {
+    "registers carry the image": smoke_model("L", True),
+    "registers add a constant": ModelSpec("S", dinov2("S", True).arch, None, "planted:constant_registers",
+                                          tuple(sorted(SMOKE_SIZES["S"].items()))),
+}
+
+
 # The appendix families (paper Figs. 7-9). Each size series is one training recipe, so that size is not confounded
 # with data: DeiT III ImageNet-22k -> 1k at every size, CLIP trained on LAION-2B at every size (OpenAI's weights
 # stop at L). The paper's DeiT III "tiny trained on less data" is its own entry: timm has no DeiT III tiny, so the
@@ -239,6 +272,7 @@ PROFILES: dict[str, Profile] = {
         name="smoke", models=_all(smoke_model), dataset="samples", limit=None,
         labelled="samples-crops", labelled_limit=None, img_size=112, batch_size=16, device="cpu", alt_img_size=224,
         appendix=SMOKE_APPENDIX, dinov3=SMOKE_DINOV3, dinov3_img_size=128, testtime=smoke_testtime("L"),
+        calibration_images=16,
         note="tiny planted-control ViTs on images shipped with installed packages"),
     "laptop": Profile(
         name="laptop", models=tuple(dinov2(s, r) for r in (True, False) for s in ("S", "B")),

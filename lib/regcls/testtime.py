@@ -1,4 +1,5 @@
-"""Test-time registers (Jiang et al., "Vision Transformers Don't Need Trained Registers", NeurIPS 2025).
+"""Changes to the forward pass at test time: registers added (Jiang et al., "Vision Transformers Don't Need Trained
+Registers", NeurIPS 2025), and registers fixed to their mean (Fix-Reg-Mean; :class:`FixedRegisters`).
 
 A model trained without registers writes its global scratch values into a few patch tokens ("high-norm outliers"),
 and a handful of MLP neurons make them. The method adds one token at test time, a zero vector after the position
@@ -166,3 +167,75 @@ def find_outlier_neurons(model: nn.Module, images: torch.Tensor, top_k: int, las
     for k in order.tolist():
         found.setdefault(k // hidden, []).append(k % hidden)
     return {b: tuple(us) for b, us in sorted(found.items())}
+
+
+class FixedRegisters:
+    """Fix-Reg-Mean: at the input of every block the register tokens are replaced by fixed values, the same for
+    every image (their means over calibration images, :func:`register_means`), so that no block -- in particular
+    the last block's [CLS] -- reads image information from them::
+
+        with FixedRegisters(model, register_means(model, calibration_images)):
+            feats = model.forward_features(x)
+    """
+
+    __test__ = False
+
+    def __init__(self, model: nn.Module, means: torch.Tensor):
+        R = int(getattr(model, "num_reg_tokens", 0))
+        if R == 0:
+            raise RegclsError("Fix-Reg-Mean needs a model with registers")
+        if tuple(means.shape) != (len(model.blocks), R, model.embed_dim):
+            raise RegclsError(f"register means of shape {tuple(means.shape)}; this model needs "
+                              f"{(len(model.blocks), R, model.embed_dim)} (blocks, registers, width)")
+        self.model, self.means, self.handles = model, means, []
+        self.first = model.num_prefix_tokens - R      # the registers' first index (after the [CLS])
+
+    def __enter__(self) -> "FixedRegisters":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> "FixedRegisters":
+        a, b = self.first, self.first + self.means.shape[1]
+
+        def fix(i):
+            def hook(_mod, args):
+                x = args[0].clone()
+                x[:, a:b] = self.means[i].to(device=x.device, dtype=x.dtype)
+                return (x, *args[1:])
+            return hook
+
+        self.handles = [blk.register_forward_pre_hook(fix(i)) for i, blk in enumerate(self.model.blocks)]
+        self.model.fixed_register_means = self.means
+        return self
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.model.fixed_register_means = None
+
+
+@torch.inference_mode()
+def register_means(model: nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """The register tokens at the input of every block, averaged over ``images`` (n, 3, S, S), in float64 on the
+    CPU: (blocks, registers, width). The model runs unaltered."""
+    R = int(getattr(model, "num_reg_tokens", 0))
+    first = model.num_prefix_tokens - R
+    L, D = len(model.blocks), model.embed_dim
+    total = torch.zeros(L, R, D, dtype=torch.float64)
+
+    def add(i):
+        def hook(_mod, args):
+            total[i] += args[0][:, first:first + R].double().sum(dim=0).cpu()
+        return hook
+
+    handles = [blk.register_forward_pre_hook(add(i)) for i, blk in enumerate(model.blocks)]
+    try:
+        for j in range(0, len(images), batch_size):
+            model.forward_features(images[j:j + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return total / len(images)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -378,7 +379,7 @@ class Trace(dict):
         (:attr:`ModelSpec.label`)."""
         spec = self["meta"].get("model_spec") or {}
         label = ModelSpec(spec.get("size", "?"), spec.get("arch", self["meta"]["model"])).label
-        return label + ("+ttr" if "test_time_register" in spec else "")
+        return label + ("+ttr" if "test_time_register" in spec else "") + (" fixed" if "fixed_registers" in spec else "")
 
 
 def load_trace(path: str | Path, meta_only: bool = False) -> Trace:
@@ -442,6 +443,8 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
             raise RegclsError(f"{p} comes from other weights and cannot be merged")
     arrays = {k: np.concatenate([t[k] for t in traces]) for k in STORED}
     arrays["attn_out_bias"] = traces[0]["attn_out_bias"]
+    if "register_means" in traces[0]:   # Fix-Reg-Mean: one set of means (their digest is in the settings)
+        arrays["register_means"] = traces[0]["register_means"]
     arrays["image_ids"] = np.concatenate([t["image_ids"] for t in traces])
     if "labels" in traces[0]:
         arrays["labels"] = np.concatenate([t["labels"] for t in traces])
@@ -466,6 +469,9 @@ def trace_meta(net: nn.Module, **meta) -> dict:
            "depth": lay.depth, "heads": lay.heads, "dim": lay.dim}
     if getattr(net, "test_time_registers", 0):   # the units moved into the test-time register, as used
         out["test_time_neurons"] = {str(b): list(u) for b, u in net.test_time_neurons.items()}
+    if getattr(net, "fixed_register_means", None) is not None:   # Fix-Reg-Mean: the means (stored as an array)
+        out["fixed_register_means_sha256"] = hashlib.sha256(
+            net.fixed_register_means.double().cpu().numpy().tobytes()).hexdigest()[:16]
     return {**out, **meta}
 
 
@@ -776,10 +782,12 @@ def trace_files(model: nn.Module, images: ImageList, *, out: str | Path,
     store = image_store(images.files, images.ids, geometry, cache=store_cache, progress=progress)
     meta = trace_meta(model, img_size=img_size, n_images=len(store), skipped=len(store.skipped), amp=amp,
                       mean=list(mean), std=list(std), geometry=geometry.key(), **meta)
-    extra = None
+    extra = {}
     if images.labels is not None:
         pos = {i: k for k, i in enumerate(images.ids)}
-        extra = {"labels": np.asarray(images.labels)[[pos[i] for i in store.ids]]}
+        extra["labels"] = np.asarray(images.labels)[[pos[i] for i in store.ids]]
+    if getattr(model, "fixed_register_means", None) is not None:   # Fix-Reg-Mean's means, with the trace
+        extra["register_means"] = model.fixed_register_means.float().cpu().numpy()
     check = None
     if amp and check_files:
         head = decode_images(list(check_files)[:32], [str(f) for f in list(check_files)[:32]], geometry, progress=False)
