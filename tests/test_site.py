@@ -21,7 +21,8 @@ FIGURE_NAMES = {p.stem: [c["metadata"]["mystnb"]["figure"]["name"] for c in json
                          if "figure" in c["metadata"].get("mystnb", {})] for p in (ROOT / "chapters").glob("*.ipynb")}
 FIGURES = {"sec3_1_register_attention": 3, "sec3_2_register_norms": 1, "sec3_3_register_knockout": 2,
            "sec3_4_attention_maps": 2, "sec4_1_skip_connection": 4, "controls": 1, "appendix_other_recipes": 1, "beyond_dinov3": 3,
-           "beyond_test_time_registers": 2, "beyond_replacement_controls": 2}
+           "beyond_test_time_registers": 2, "beyond_replacement_controls": 2,
+           "beyond_explaining_maps": 2}
 
 
 # Console errors of the Jupyter Book 1.0 theme itself, the same on every page of every such book: the

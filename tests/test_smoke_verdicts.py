@@ -60,6 +60,10 @@ EXPECTED = {
     ("Beyond", "Replacement: in the smallest model the register part is an offset"): True,
     ("Beyond", "Fix-Reg-Mean: at the largest size registers fixed to their mean"): (
         False, "the planted register reader reads the image from its registers: fixed, they carry none"),
+    ("Beyond", "Maps: at the largest size the attention map and the contribution-norm map rank"): (
+        False, "no value norms are planted in the register reader: its patch values reach the output alike, so "
+               "contributions follow the attention"),
+    ("Beyond", "Maps: at the largest size the top 10% of the patches by contribution rebuild"): True,
 }
 
 
@@ -75,7 +79,8 @@ def rows():
         for name in ("sec3_1_register_attention.ipynb", "sec3_2_register_norms.ipynb",
                      "sec3_3_register_knockout.ipynb", "sec3_4_attention_maps.ipynb",
                      "sec4_1_skip_connection.ipynb", "appendix_other_recipes.ipynb", "beyond_dinov3.ipynb",
-                     "beyond_test_time_registers.ipynb", "beyond_replacement_controls.ipynb"):
+                     "beyond_test_time_registers.ipynb", "beyond_replacement_controls.ipynb",
+                     "beyond_explaining_maps.ipynb"):
             run_notebook(name)
         checks = collect("smoke")
     return checks

@@ -7,7 +7,8 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 from helpers import FAMILIES, images, tiny
 from regcls.models import layout
-from regcls.trace import PARTS, STORED, load_trace, run_trace, save_trace, trace_batch, trace_meta
+from regcls.trace import (MAPS, PARTS, STORED, TOP_PERCENT, load_trace, run_trace, save_trace, trace_batch,
+                          trace_meta)
 
 TOL = dict(rtol=1e-8, atol=1e-8)
 
@@ -59,7 +60,11 @@ def reference(model, x):
             vals[name] = torch.einsum("bhn,bhnd->bhd", am, v).flatten(1)
         full_val = torch.einsum("bhn,bhnd->bhd", a0, v).flatten(1)
         manual_branch = layer_scale(last, last.attn.proj(full_val))
-    return dict(feats=feats, rows=rows, vals=vals, full_val=full_val, manual_branch=manual_branch, **got)
+        # each patch's contribution, one patch at a time: heads concatenated, projected (no bias), LayerScale
+        u = torch.stack([(a0[:, :, i, None] * v[:, :, i]).flatten(1) for i in range(P, a0.shape[-1])], dim=1)
+        z = u @ last.attn.proj.weight.T
+    return dict(feats=feats, rows=rows, vals=vals, full_val=full_val, manual_branch=manual_branch, a0=a0, z=z,
+                zl=layer_scale(last, z), **got)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -97,6 +102,29 @@ def test_values_equal_explicit_masked_attention(case):
     for name in PARTS:
         close(tr[f"attn_val_{name}"], ref["vals"][name])
     close(tr["attn_val_cls"] + tr["attn_val_reg"] + tr["attn_val_patch"], ref["full_val"])
+
+
+def test_per_patch_contributions_and_the_outputs_rebuilt_from_the_top_patches(case):
+    """Kobayashi et al.'s contribution norms, their projection on the output, and the patch part rebuilt from the
+    top patches of each map, against the contributions written out one patch at a time."""
+    _, model, _, tr, ref = case
+    P = model.num_prefix_tokens
+    z, zl = ref["z"], ref["zl"]
+    close(zl.sum(dim=1), tr["attn_out_patch"])                       # the contributions add up to the patch part
+    close(tr["contrib_norm"], z.norm(dim=-1))
+    close(tr["contrib_norm_ls"], zl.norm(dim=-1))
+    y = ref["branch"][:, 0]
+    proj = (zl * (y / y.norm(dim=-1, keepdim=True))[:, None]).sum(-1)
+    close(tr["contrib_proj"], proj)
+    close(proj.sum(1) + sum((tr[f"attn_out_{p}"] * y).sum(-1) / y.norm(dim=-1) for p in ("cls", "reg"))
+          + (tr["attn_out_bias"] * y).sum(-1) / y.norm(dim=-1), y.norm(dim=-1))   # the projections add to the norm
+    maps = {"attn": ref["a0"][:, :, P:].mean(dim=1), "norm": zl.norm(dim=-1), "proj": proj}
+    assert set(maps) == set(MAPS)
+    Np = z.shape[1]
+    for name, m in maps.items():
+        for k in TOP_PERCENT:
+            top = m.argsort(dim=1, descending=True)[:, :max(1, int(np.ceil(k * Np / 100)))]
+            close(tr[f"rebuilt_{name}_{k}"], torch.stack([zl[b, top[b]].sum(0) for b in range(len(zl))]))
 
 
 def test_skip_plus_branch_is_post_attention_state(case):

@@ -41,6 +41,15 @@ then fixes the last block:
     it by its mean keeps the output (CKA > 0.99, one-shot accuracy unchanged); zeroing it keeps CKA (which centres)
     but not the one-shot accuracy of a classifier trained on unaltered outputs. The register reader is the
     opposite control: its registers carry the image, so every replacement hurts.
+``equal_values`` / ``unequal_values`` (known answers for the maps of the [CLS])
+    The last block's heads share one query and key map (so each patch gets the same attention in every head)
+    and its value and output projections are orthogonal, so every token's value reaches the output with the
+    same norm: a patch's contribution ||W_o a_i v_i|| is its attention times a constant, and the attention and
+    contribution maps rank the patches alike (Spearman 1). In ``unequal_values`` every patch position carries a
+    marker of its own strength (uniform in 0-1.5, seeded) in reserved dimensions that only the position embedding
+    writes and only the last block's values read, and its queries are weak (attention varies mildly): value
+    norms differ tens of times across the patches, independently of the attention, and the two maps disagree
+    (Spearman < 0.5).
 """
 from __future__ import annotations
 
@@ -49,9 +58,10 @@ from torch import nn
 
 from .errors import RegclsError
 
-KINDS = ("patch_integrator", "register_reader", "skip_dominated", "outlier_neurons", "constant_registers")
+KINDS = ("patch_integrator", "register_reader", "skip_dominated", "outlier_neurons", "constant_registers",
+         "equal_values", "unequal_values")
 SEEDS = {"patch_integrator": 11, "register_reader": 12, "skip_dominated": 13, "outlier_neurons": 14,
-         "constant_registers": 15}
+         "constant_registers": 15, "equal_values": 16, "unequal_values": 16}
 HIGH = 2           # index of the high-norm register among the registers
 N_RESERVED = 4     # size of each reserved set of dimensions (O: outliers, E: register marker)
 Q_READ = 0.005     # query strength of the register reader per embedding dimension: how far the patches are ignored
@@ -138,6 +148,11 @@ def plant(model: nn.Module, kind: str) -> nn.Module:
                 raise RegclsError("constant_registers needs registers")
             _layerscale(model, [0.3] * (L - 1) + [4.0], [0.3] * (L - 1) + [0.05])
             _plant_constant_registers(model, D)
+        elif kind in ("equal_values", "unequal_values"):
+            if getattr(model, "pos_embed", None) is None:
+                raise RegclsError(f"{kind} needs an absolute position embedding (a DINOv2-style ViT)")
+            _layerscale(model, [0.3] * L, [0.3] * L)
+            _plant_values(model, D, gen, unequal=kind == "unequal_values")
         elif kind == "outlier_neurons":
             if getattr(model, "pos_embed", None) is None:
                 raise RegclsError("outlier_neurons needs an absolute position embedding (a DINOv2-style ViT)")
@@ -194,6 +209,36 @@ def _plant_outlier_neurons(model: nn.Module, D: int) -> None:
         mlp.fc1.weight[u, M] = 10.0
         mlp.fc1.bias[u] = -5.0
         mlp.fc2.weight[O, u] = 2.0
+
+
+def _plant_values(model: nn.Module, D: int, gen: torch.Generator, unequal: bool) -> None:
+    last = model.blocks[-1]
+    qkv, H, hd = last.attn.qkv, last.attn.num_heads, last.attn.head_dim
+    for h in range(1, H):                            # every head: the first head's queries and keys
+        for base in (0, D):
+            qkv.weight[base + h * hd: base + (h + 1) * hd] = qkv.weight[base: base + hd]
+    qkv.weight[2 * D:] = torch.linalg.qr(torch.randn(D, D, generator=gen))[0]   # orthogonal values ...
+    last.attn.proj.weight.copy_(torch.linalg.qr(torch.randn(D, D, generator=gen))[0])   # ... and output
+    if not unequal:
+        return
+    M = torch.arange(N_RESERVED, 2 * N_RESERVED)
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        if getattr(model, name, None) is not None:
+            getattr(model, name)[..., M] = 0.0
+    model.patch_embed.proj.weight[M] = 0.0
+    if model.patch_embed.proj.bias is not None:
+        model.patch_embed.proj.bias[M] = 0.0
+    for blk in model.blocks:
+        for lin in (blk.attn.proj, blk.mlp.fc2):
+            lin.weight[M] = 0.0
+            if lin.bias is not None:
+                lin.bias[M] = 0.0
+    first = model.pos_embed.shape[1] - model.patch_embed.num_patches
+    strength = torch.rand(model.patch_embed.num_patches, 1, generator=gen) * 1.5   # small: LayerNorm stays linear
+    model.pos_embed[0, first:, M] = strength          # each patch position its own marker strength
+    qkv.weight[: 2 * D, M] = 0.0                     # attention does not see it (and varies mildly) ...
+    qkv.weight[:D] *= 0.05
+    qkv.weight[2 * D:, M] = 10.0                     # ... the values do, strongly
 
 
 def _plant_constant_registers(model: nn.Module, D: int) -> None:

@@ -227,6 +227,14 @@ REPLACEMENT_CONTROLS = {
 }
 
 
+# The known answers of the maps of the [CLS] (regcls.maps): values of equal norm (the attention and contribution maps
+# agree) and of very unequal norms across the patches (they disagree).
+MAP_CONTROLS = {
+    name: ModelSpec("S", dinov2("S", True).arch, None, f"planted:{kind}", tuple(sorted(SMOKE_SIZES["S"].items())))
+    for name, kind in (("equal value norms", "equal_values"), ("unequal value norms", "unequal_values"))
+}
+
+
 # The appendix families (paper Figs. 7-9). Each size series is one training recipe, so that size is not confounded
 # with data: DeiT III ImageNet-22k -> 1k at every size, CLIP trained on LAION-2B at every size (OpenAI's weights
 # stop at L). The paper's DeiT III "tiny trained on less data" is its own entry: timm has no DeiT III tiny, so the

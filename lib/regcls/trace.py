@@ -22,6 +22,15 @@ key                                 shape         what
 ``patch_sample_penult``             (n, K, D)     K = 8 patch tokens entering the last block, at the fixed
                                                   grid positions ``patch_sample_index`` (for position probes)
 ``cls_final``                       (n, D)        final [CLS] embedding (after the final norm)
+``contrib_norm`` / ``_ls``          (n, Np)       last block, per patch i: ||W_o (a_i v_i)|| (heads concatenated),
+                                                  before / after the LayerScale (Kobayashi et al. 2020)
+``contrib_proj``                    (n, Np)       the same contribution (after LayerScale) projected on the unit
+                                                  vector of ``attn_out_full``: signed, sums with the other parts'
+                                                  projections to its norm
+``rebuilt_{map}_{k}``               (n, D)        the patch contributions (after LayerScale) summed over the top
+                                                  ``k`` % of the patches by ``map``: ``attn`` (head-averaged
+                                                  attention), ``norm`` (``contrib_norm_ls``), ``proj``
+                                                  (``contrib_proj``); k in :data:`TOP_PERCENT`
 ==================================  ============  =====================================================
 
 The model's own forward keeps PyTorch's fused attention; the hooks recompute only the [CLS] query row of
@@ -53,10 +62,14 @@ from .metrics import cka, mean_pairwise_cosine
 from .models import layer_scale, layout
 from .profiles import ModelSpec
 
-TRACE_SCHEMA = 4
+TRACE_SCHEMA = 5
+MAPS = ("attn", "norm", "proj")          # the maps of the [CLS] over the patches that select patches to rebuild
+TOP_PERCENT = (1, 5, 10, 25, 50)         # ... the share of the patches kept, in percent
+SELECTED = tuple(f"rebuilt_{m}_{k}" for m in MAPS for k in TOP_PERCENT)
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
              "attn_out_reg", "attn_out_patch", "attn_out_full", "skip", "cls_layers", "prefix_penult",
-             "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "patch_sample_penult", "cls_final")
+             "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "patch_sample_penult", "cls_final",
+             "contrib_norm", "contrib_norm_ls", "contrib_proj", *SELECTED)
 DERIVED = ("skip",)   # views of stored arrays, added by Tracer.run and load_trace, never written
 STORED = tuple(k for k in PER_IMAGE if k not in DERIVED)
 PARTS = ("cls", "reg", "patch")
@@ -147,6 +160,7 @@ class Tracer:
             mass[i] = torch.stack([p.sum(-1) for p in _split(a, P)], dim=-1)  # (B, H, 3)
             if i == last:
                 self.rec["cls_attn"] = a
+                self._patch_av = (a[:, :, P:], v[:, :, P:])          # for the per-patch contributions
                 for name, ap, vp in zip(PARTS, _split(a, P), _split(v.to(a.dtype).transpose(-2, -1), P)):
                     # sum_i a_i v_i over the part: (B, H, hd) -> heads concatenated (B, D)
                     val = (vp @ ap.unsqueeze(-1)).squeeze(-1)
@@ -223,6 +237,29 @@ class Tracer:
         b = bias.to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)  # pragma: no mutate (equivalent in float32, on the CPU)
         self.bias = b * gamma if gamma is not None else b
         rec["attn_out_full"] = rec["attn_out_cls"] + rec["attn_out_reg"] + rec["attn_out_patch"] + self.bias
+        self._contributions(rec, out)
+
+    def _contributions(self, rec: dict[str, torch.Tensor], out) -> None:
+        """Per patch i of the last block: its contribution z_i = LayerScale(W_o (a_i v_i)) to the [CLS] output
+        (B, Np, D), held for this batch only; its norms, its projection on the output, and the patch part rebuilt
+        from the top patches of each map."""
+        a, v = self._patch_av                                                # (B, H, Np), (B, H, Np, hd)
+        self._patch_av = None
+        B, H, Np, hd = v.shape
+        dtype = rec["attn_val_cls"].dtype
+        u = (a.unsqueeze(-1) * v.to(dtype)).permute(0, 2, 1, 3).reshape(B, Np, H * hd)   # (B, Np, D)
+        z = u @ self.model.blocks[-1].attn.proj.weight.to(dtype).T           # projected, before the LayerScale
+        zl = out(u)                                                          # ... and after it
+        rec["contrib_norm"] = z.norm(dim=-1)
+        rec["contrib_norm_ls"] = zl.norm(dim=-1)
+        y = rec["attn_out_full"]
+        rec["contrib_proj"] = (zl @ (y / y.norm(dim=-1, keepdim=True)).unsqueeze(-1)).squeeze(-1)
+        maps = {"attn": a.mean(dim=1), "norm": rec["contrib_norm_ls"], "proj": rec["contrib_proj"]}
+        for name, m in maps.items():
+            order = m.argsort(dim=1, descending=True)
+            for k in TOP_PERCENT:
+                top = order[:, :max(1, -(-k * Np // 100))]                   # ceil(k % of the patches)
+                rec[f"rebuilt_{name}_{k}"] = zl.gather(1, top.unsqueeze(-1).expand(-1, -1, zl.shape[-1])).sum(1)
 
 
 # bfloat16 autocast (or, where it fails, TF32 matrix products) is used only where it agrees with full float32
@@ -299,7 +336,8 @@ def amp_agreement(model: nn.Module, x: torch.Tensor, mode: str = "bf16") -> dict
     def flat(t):
         return t.double().flatten(1).cpu().numpy()
 
-    ckas = {k: cka(flat(low[k]), flat(ref[k])) for k in PER_IMAGE if k != "attn_mass"}
+    # the rebuilt outputs select patches by rank, a step function of the inputs: their maps are compared instead
+    ckas = {k: cka(flat(low[k]), flat(ref[k])) for k in PER_IMAGE if k != "attn_mass" and k not in SELECTED}
     ckas = {k: v for k, v in ckas.items() if np.isfinite(v)}   # the register arrays of a model without registers
     worst = min(ckas, key=ckas.get)
     share = (low["attn_mass"].double().mean(2) - ref["attn_mass"].double().mean(2)).abs()   # (B, L, 3)
