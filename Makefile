@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[book,test]"
 	touch $@
 
+# GPUS=N first computes every trace on N GPUs of this node (torchrun; each trace shared among them), then the
+# chapters read them from the trace cache.
 # The execution cache is kept per profile (a smoke build never shows up in a paper build) and per library
 # content (jupyter-cache re-runs a notebook only when its cells change; a fix in lib/regcls must reach the pages).
 book: venv
@@ -22,6 +24,8 @@ book: venv
 	  $(PY) -m regcls doctor || { echo "regcls doctor: the GPU path is not usable (above); fix it, or skip the check with make book DOCTOR=0"; exit 1; }; fi
 	@prof=$$($(PY) -c "from regcls.profiles import active_profile; print(active_profile(verbose=False).name)"); \
 	echo "building the book on the $$prof profile"; \
+	if [ -n "$(GPUS)" ]; then REGCLS_PROFILE=$$prof $(VENV)/bin/torchrun --standalone --nproc-per-node $(GPUS) \
+	  -m regcls cache --profile $$prof || exit 1; fi; \
 	$(PY) -c "from regcls.cache import prepare_build; prepare_build('_build', '$$prof', always=['chapters/summary_claims.ipynb'])" && \
 	REGCLS_PROFILE=$$prof $(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
 

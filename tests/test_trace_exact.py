@@ -186,6 +186,9 @@ def test_the_file_stores_each_array_once_and_reads_the_skip_term_back(tmp_path):
     np.testing.assert_allclose(tr["skip"], ref["skip"].numpy(), rtol=1e-6, atol=1e-6)
     close(ref["skip"], reference(model, x)["in"][-1][:, 0])
     assert tr.meta["model"] == "tiny" and tr.num_registers == 4
+    part = load_trace(out, keys=["cls_final", "skip"])                  # only what a reader needs
+    assert set(part) == {"cls_final", "prefix_penult", "skip", "image_ids", "meta"}
+    np.testing.assert_array_equal(part["skip"], tr["skip"])
     save_trace(tmp_path / "again.npz", {k: v for k, v in tr.items() if k != "meta"}, tr.meta)   # still once
     with np.load(tmp_path / "again.npz") as z:
         assert set(z.files) == stored

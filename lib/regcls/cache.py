@@ -9,12 +9,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from .data import dataset_files
+from .data import ImageList, dataset_files
 from .env import cache_dir, resolve_device, use_bf16
 from .files import DAMAGED, library_digest, output_lock, set_aside, source_digest
 from .models import build, weights_id
 from .profiles import ModelSpec, Profile
-from .trace import TRACE_SCHEMA, check_summary, check_trace, load_trace, trace_files
+from .launch import World, all_parts, part_path, wait_for
+from .trace import TRACE_SCHEMA, check_summary, check_trace, load_trace, merge_traces, shard_range, trace_files
 
 
 def prepare_build(folder: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
@@ -79,27 +80,74 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
         crop_pct: the model's crop fraction replaced (None: timm's, see :func:`regcls.data.eval_config`).
     """
     device = resolve_device(device)
-    amp = amp and use_bf16(device)  # a T4 (Colab) runs float32 without a warning
-    images = dataset_files(dataset, limit, download=True, classes=classes)
-    wid = weights_id(spec, checkpoint)
-    desc = {"model": spec.describe(), "weights": wid, "dataset": dataset, "ids": content_key({"ids": images.ids}),
-            "img_size": img_size, "crop_pct": crop_pct, "amp": amp, "schema": TRACE_SCHEMA, "code": source_digest()}
-    key = content_key(desc)
-    path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{key}.npz"
+    e = _entry(spec, dataset, img_size, limit, classes, checkpoint, device, amp, crop_pct)
     # One process computes an entry; another that needs it meanwhile waits and reads it. A damaged entry (cut
     # short, garbage, another shape or key) is moved aside with a warning and computed again.
-    with output_lock(path, wait=True):
-        if path.is_file():
+    with output_lock(e.path, wait=True):
+        if e.path.is_file():
             try:
-                return _loaded(check_trace(load_trace(path), key))
-            except DAMAGED as e:
-                set_aside(path, e)
-        model = build(spec, img_size, checkpoint)
-        trace_files(model, images, out=path, img_size=img_size, batch_size=batch_size, device=device,
-                    amp=amp, progress=progress, store_cache=cache_dir() / "stores" / dataset, crop_pct=crop_pct,
-                    meta={"model": spec.name, "weights": wid, "dataset": dataset, "model_spec": spec.describe(),
-                          "cache_key": key})
-        return _loaded(load_trace(path))
+                return _loaded(check_trace(load_trace(e.path), e.key))
+            except DAMAGED as err:
+                set_aside(e.path, err)
+        _trace_entry(e, e.images, e.path, batch_size, device, progress)
+        return _loaded(load_trace(e.path))
+
+
+class Entry(NamedTuple):
+    """A cache entry: where it lives, the key it is written under, and what computes it."""
+
+    path: Path
+    key: str
+    spec: ModelSpec
+    dataset: str
+    images: ImageList
+    img_size: int
+    checkpoint: str | Path | None
+    amp: bool
+    crop_pct: float | None
+
+
+def _entry(spec, dataset, img_size, limit, classes, checkpoint, device, amp, crop_pct) -> Entry:
+    amp = amp and use_bf16(device)  # a T4 (Colab) runs float32 without a warning
+    images = dataset_files(dataset, limit, download=True, classes=classes)
+    desc = {"model": spec.describe(), "weights": weights_id(spec, checkpoint), "dataset": dataset,
+            "ids": content_key({"ids": images.ids}), "img_size": img_size, "crop_pct": crop_pct, "amp": amp,
+            "schema": TRACE_SCHEMA, "code": source_digest()}
+    key = content_key(desc)
+    path = cache_dir() / "traces" / f"{spec.arch}-{dataset}-{img_size}-{key}.npz"
+    return Entry(path, key, spec, dataset, images, img_size, checkpoint, amp, crop_pct)
+
+
+def _trace_entry(e: Entry, images: ImageList, out: Path, batch_size, device, progress, shard: str | None = None):
+    model = build(e.spec, e.img_size, e.checkpoint)
+    trace_files(model, images, out=out, img_size=e.img_size, batch_size=batch_size, device=device, amp=e.amp,
+                progress=progress, store_cache=cache_dir() / "stores" / e.dataset, crop_pct=e.crop_pct,
+                check_files=e.images.files[:32] if shard else None,
+                meta={"model": e.spec.name, "weights": weights_id(e.spec, e.checkpoint), "dataset": e.dataset,
+                      "model_spec": e.spec.describe(), "cache_key": e.key, **({"shard": shard} if shard else {})})
+
+
+def fill_shard(spec: ModelSpec, dataset: str, world: World, *, img_size: int, limit: int | None = None,
+               classes: int | None = None, checkpoint: str | Path | None = None, batch_size: int | None = None,
+               device: str = "cpu", amp: bool = False, progress: bool = True, crop_pct: float | None = None) -> Path:
+    """One torchrun rank's share of a cache entry (arguments as :func:`get_trace`): its shard of the images into
+    its own part beside the entry (kept on a rerun); rank 0 then waits for every part and merges them into the
+    entry. Returns the entry's path (complete on rank 0)."""
+    e = _entry(spec, dataset, img_size, limit, classes, checkpoint, device, amp, crop_pct)
+    if e.path.is_file():
+        return e.path
+    part = part_path(e.path, world.shard)
+    if not part.is_file():
+        a, b = shard_range(len(e.images), world.shard)
+        _trace_entry(e, e.images[a:b], part, batch_size, device, progress, shard=world.shard)
+    if world.rank == 0:
+        parts = all_parts(e.path, world.size)
+        wait_for(parts)
+        with output_lock(e.path, wait=True):
+            merge_traces(parts, e.path)
+        for p in parts:
+            p.unlink()
+    return e.path
 
 
 # The precision of every trace this process has read (model and setting -> its precision label, with the checks

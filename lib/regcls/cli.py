@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from .cache import content_key, fill_shard, get_trace, workload
 from .data import DATASETS, SHIPPED, dataset_files, download_dataset, folder_images, scan_images
 from .doctor import run as run_doctor
 from .env import data_root, resolve_precision
 from .errors import RegclsError
-from .cache import workload
+from .launch import all_parts, array_shard, device_for, part_path, torchrun_world, wait_for
 from .models import build, weights_id
 from .profiles import ModelSpec, active_profile
 from .trace import merge_traces, shard_range, trace_files
@@ -34,9 +37,44 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
+    """``regcls trace``: one process, one shard of a job array (``--shard auto``) or a rank under torchrun."""
     if (args.images is None) == (args.dataset is None):
         raise RegclsError("give exactly one of --images DIR and --dataset NAME")
-    device, amp = resolve_precision(args.device, "bf16" if args.amp else args.precision)
+    world = torchrun_world()
+    if world is not None and world.size > 1:
+        if args.shard:
+            raise RegclsError("under torchrun every rank takes its own shard: drop --shard")
+        try:
+            return _trace_rank(args, world)
+        except RegclsError as e:   # one line naming the rank; torchrun then stops the others
+            raise RegclsError(f"rank {world.rank}: {e}") from None
+    if args.shard == "auto":   # a job-array task: its part beside --out, merged by 'regcls merge --wait'
+        args.shard = array_shard()
+        args.out = str(part_path(args.out, args.shard))
+    return _trace(args, args.out, args.device, args.shard)
+
+
+def _trace_rank(args: argparse.Namespace, world) -> int:
+    """One torchrun rank: its shard into its own part (a finished part is kept on a rerun); rank 0 then waits for
+    every part and merges them into ``--out``, which no other rank writes."""
+    part = part_path(args.out, world.shard)
+    time.sleep(float(os.environ.get(f"REGCLS_TEST_RANK{world.rank}_DELAY", 0)))   # tests: a rank that lags
+    if part.is_file():
+        print(f"rank {world.rank}: {part.name} is finished", file=sys.stderr)
+    else:
+        _trace(args, str(part), device_for(world, args.device), world.shard)
+    if world.rank == 0:
+        parts = all_parts(args.out, world.size)
+        wait_for(parts)
+        merge_traces(parts, args.out)
+        for p in parts:
+            p.unlink()
+        print(f"wrote {args.out} from {world.size} ranks")
+    return 0
+
+
+def _trace(args: argparse.Namespace, out: str, device: str, shard: str | None) -> int:
+    device, amp = resolve_precision(device, "bf16" if args.amp else args.precision)
     name = args.model
     arch, _, tag = name.partition(".")
     weights = "hub" if args.checkpoint is None and not args.random else f"random:{args.seed}"
@@ -47,8 +85,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     else:
         images, source = dataset_files(args.dataset, args.limit), args.dataset
     head = images.files[:32]  # every shard checks bf16 on the request's first images: one precision for all parts
-    if args.shard:
-        images = images[slice(*shard_range(len(images), args.shard))]
+    request = content_key({"ids": images.ids})   # the whole request's images: parts of other requests do not merge
+    if shard:
+        images = images[slice(*shard_range(len(images), shard))]
     if args.strict:  # before any work: every file must decode
         bad = scan_images(images.files, progress=not args.quiet)
         if bad:
@@ -56,11 +95,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
                               + "; ".join(f"{Path(f).name} ({why})" for f, why in bad[:5])
                               + (" ..." if len(bad) > 5 else ""))
     model = build(spec, args.img_size, args.checkpoint)
-    store = trace_files(model, images, out=args.out, img_size=args.img_size, batch_size=args.batch_size,
-                        device=device, amp=amp, progress=not args.quiet, check_files=head if args.shard else None,
+    store = trace_files(model, images, out=out, img_size=args.img_size, batch_size=args.batch_size,
+                        device=device, amp=amp, progress=not args.quiet, check_files=head if shard else None,
                         meta={"model": spec.name, "weights": weights_id(spec, args.checkpoint), "dataset": source,
-                              "model_spec": spec.describe(), "shard": args.shard})
-    out = Path(args.out)
+                              "model_spec": spec.describe(), "shard": shard,
+                              **({"request_ids_sha256": request} if shard else {})})
+    out = Path(out)
     for f, why in store.skipped:
         print(f"skipped {f}: {why}", file=sys.stderr)
     skipped = f"; skipped {len(store.skipped)} unreadable files (listed above)" if store.skipped else ""
@@ -69,8 +109,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    out = merge_traces(args.shards, args.out)
-    print(f"wrote {out} from {len(args.shards)} shards")
+    """``regcls merge``: the shard files given, or (``--parts K``) the K parts a job array wrote beside ``--out``;
+    ``--wait`` first waits until every one is there."""
+    if bool(args.shards) == bool(args.parts):
+        raise RegclsError("give the shard files, or --parts K for the parts of a job array (regcls trace --shard auto)")
+    shards = [Path(s) for s in args.shards] or all_parts(args.out, args.parts)
+    if args.wait:
+        wait_for(shards, timeout=args.timeout)
+    out = merge_traces(shards, args.out)
+    if args.parts:   # the array's parts are intermediate files
+        for p in shards:
+            p.unlink()
+    print(f"wrote {out} from {len(shards)} shards")
     return 0
 
 
@@ -113,6 +163,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``regcls cache``: compute every trace the chapters read on a profile into the cache, so that the book then
+    builds from it; under torchrun each trace is shared among the ranks (``make book GPUS=N``)."""
+    prof = active_profile(args.profile, verbose=False)
+    world = torchrun_world()
+    jobs = workload(prof)
+    for n, job in enumerate(jobs, 1):
+        limit, classes = prof.sample(job.dataset)
+        opts = dict(img_size=job.img_size, limit=limit, classes=classes, batch_size=prof.batch_size,
+                    amp=prof.device != "cpu", progress=not args.quiet, crop_pct=job.crop_pct)
+        try:
+            if world is None or world.size == 1:
+                get_trace(job.spec, job.dataset, device=prof.device, **opts)
+            else:
+                fill_shard(job.spec, job.dataset, world, device=device_for(world, prof.device), **opts)
+        except RegclsError as e:
+            raise RegclsError(f"{'' if world is None else f'rank {world.rank}: '}{job.spec.label} on {job.dataset}: "
+                              f"{e}") from None
+        if world is None or world.rank == 0:
+            print(f"[{n}/{len(jobs)}] {job.spec.label} {job.spec.name} on {job.dataset} at {job.img_size} px", flush=True)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(trace=not args.no_trace)
 
@@ -140,12 +213,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", action="store_true", help="the same as --precision bf16")
     t.add_argument("--strict", action="store_true", help="any unreadable image is an error")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.add_argument("--shard", help="i/k: trace only the i-th of k contiguous parts (0-based); merge with 'regcls merge'")
+    t.add_argument("--shard", help="i/k: trace only the i-th of k contiguous parts (0-based) into --out, merged with "
+                   "'regcls merge'; auto: the part of this SLURM job-array task, written beside --out and merged "
+                   "with 'regcls merge --wait --parts K --out ...'. Under torchrun every rank takes its own part "
+                   "and rank 0 merges into --out.")
     t.add_argument("--out", required=True, help="trace file to write (.npz)")
     t.set_defaults(func=cmd_trace)
     m = sub.add_parser("merge", help="merge shard traces into one file")
-    m.add_argument("shards", nargs="+", help="shard trace files, in shard order")
+    m.add_argument("shards", nargs="*", help="shard trace files, in shard order")
     m.add_argument("--out", required=True)
+    m.add_argument("--parts", type=int, help="merge the K parts of a job array (regcls trace --shard auto) beside --out")
+    m.add_argument("--wait", action="store_true", help="wait until every part is there")
+    m.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds (default: never)")
     m.set_defaults(func=cmd_merge)
     d = sub.add_parser("data", help="datasets: list, download")
     d.add_argument("action", choices=["download", "list"])
@@ -155,6 +234,10 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="what a profile would download and compute (a dry run)")
     pl.add_argument("--profile", help="smoke, laptop or paper (default: REGCLS_PROFILE or detected)")
     pl.set_defaults(func=cmd_plan)
+    ca = sub.add_parser("cache", help="compute every trace a profile's chapters read (under torchrun: on every GPU)")
+    ca.add_argument("--profile", help="smoke, laptop or paper (default: REGCLS_PROFILE or detected)")
+    ca.add_argument("--quiet", action="store_true", help="no progress bars")
+    ca.set_defaults(func=cmd_cache)
     dr = sub.add_parser("doctor", help="is this machine ready for the real run? (driver, GPU, folders, hub, a GPU trace)")
     dr.add_argument("--no-trace", action="store_true", help="skip the 30-second trace on the GPU")
     dr.set_defaults(func=cmd_doctor)

@@ -420,15 +420,18 @@ class Trace(dict):
         return label + ("+ttr" if "test_time_register" in spec else "") + (" fixed" if "fixed_registers" in spec else "")
 
 
-def load_trace(path: str | Path, meta_only: bool = False) -> Trace:
+def load_trace(path: str | Path, meta_only: bool = False, keys: list[str] | None = None) -> Trace:
     """Read a trace: a :class:`Trace` of arrays; ``meta`` holds the metadata as plain Python.
 
-    ``meta_only`` reads just the metadata (the arrays of a large trace stay on disk)."""
+    ``meta_only`` reads just the metadata, ``keys`` just those arrays (the rest of a large trace stays on disk;
+    ``skip`` comes with ``prefix_penult``)."""
     path = Path(path)
     if not path.is_file():
         raise RegclsError(f"trace {path} does not exist")
     with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:   # closed also when the file is damaged
-        tr = {k: z[k] for k in (["meta_json"] if meta_only else z.files)}
+        wanted = z.files if keys is None else [k for k in z.files if k in {*keys, "image_ids", "labels"}
+                                                or (k == "prefix_penult" and "skip" in keys)]
+        tr = {k: z[k] for k in (["meta_json"] if meta_only else [*wanted, "meta_json"])}
     tr["meta"] = json.loads(str(tr.pop("meta_json")))
     if tr["meta"].get("trace_schema") != TRACE_SCHEMA:
         raise RegclsError(f"trace {path} has schema {tr['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}; "
@@ -757,7 +760,7 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
                 if pause_after and len(done) == pause_after:  # the parts so far are on disk; wait for a signal
                     for f in pending:
                         f.result()
-                    print(f"paused after {pause_after} batches", file=sys.stderr, flush=True)
+                    print(f"paused after {pause_after} batches (pid {os.getpid()})", file=sys.stderr, flush=True)
                     while True:
                         time.sleep(0.05)
             if bias is None:  # everything came from parts: one tiny batch recovers the bias, as the run made it
