@@ -160,11 +160,12 @@ class Tracer:
             mass[i] = torch.stack([p.sum(-1) for p in _split(a, P)], dim=-1)  # (B, H, 3)
             if i == last:
                 self.rec["cls_attn"] = a
-                self._patch_av = (a[:, :, P:], v[:, :, P:])          # for the per-patch contributions
                 for name, ap, vp in zip(PARTS, _split(a, P), _split(v.to(a.dtype).transpose(-2, -1), P)):
                     # sum_i a_i v_i over the part: (B, H, hd) -> heads concatenated (B, D)
                     val = (vp @ ap.unsqueeze(-1)).squeeze(-1)
                     self.rec[f"attn_val_{name}"] = val.flatten(1)
+                # through the projection now, while the block's values exist anyway (none is kept beyond it)
+                self._project(self.rec, a[:, :, P:], v[:, :, P:])
 
         # Slices are cloned: a view would keep the whole (B, N, D) activation of its block alive.
         def on_block(i):
@@ -216,12 +217,11 @@ class Tracer:
         rec["attn_mass"] = torch.stack(self._mass, dim=1)       # (B, L, H, 3)
         rec["cls_layers"] = torch.stack(self._layers, dim=1)    # (B, L, D)
         _derive(rec)
-        with torch.autocast(images.device.type, enabled=False):  # float32 (or wider), also under autocast
-            self._project(rec)
         return rec
 
-    def _project(self, rec: dict[str, torch.Tensor]) -> None:
-        """The last block's parts through the output projection and LayerScale: attn_out_* and the bias."""
+    def _project(self, rec: dict[str, torch.Tensor], a: torch.Tensor, v: torch.Tensor) -> None:
+        """The last block's parts through the output projection and LayerScale: attn_out_* and the bias; then the
+        patches' contributions from their attention ``a`` (B, H, Np) and values ``v`` (B, H, Np, hd)."""
         last = self.model.blocks[-1]
         weight, bias = last.attn.proj.weight, last.attn.proj.bias
         dtype = rec["attn_val_cls"].dtype
@@ -237,29 +237,35 @@ class Tracer:
         b = bias.to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)  # pragma: no mutate (equivalent in float32, on the CPU)
         self.bias = b * gamma if gamma is not None else b
         rec["attn_out_full"] = rec["attn_out_cls"] + rec["attn_out_reg"] + rec["attn_out_patch"] + self.bias
-        self._contributions(rec, out)
+        self._contributions(rec, out, a, v)
 
-    def _contributions(self, rec: dict[str, torch.Tensor], out) -> None:
-        """Per patch i of the last block: its contribution z_i = LayerScale(W_o (a_i v_i)) to the [CLS] output
-        (B, Np, D), held for this batch only; its norms, its projection on the output, and the patch part rebuilt
-        from the top patches of each map."""
-        a, v = self._patch_av                                                # (B, H, Np), (B, H, Np, hd)
-        self._patch_av = None
-        B, H, Np, hd = v.shape
+    def _contributions(self, rec: dict[str, torch.Tensor], out, a_all: torch.Tensor, v_all: torch.Tensor,
+                       chunk: int = 4) -> None:
+        """Per patch i of the last block: its contribution z_i = LayerScale(W_o (a_i v_i)) to the [CLS] output,
+        held for ``chunk`` images at a time ((chunk, Np, D), so the trace's memory stays that of the model); its
+        norms, its projection on the output, and the patch part rebuilt from the top patches of each map."""
         dtype = rec["attn_val_cls"].dtype
-        u = (a.unsqueeze(-1) * v.to(dtype)).permute(0, 2, 1, 3).reshape(B, Np, H * hd)   # (B, Np, D)
-        z = u @ self.model.blocks[-1].attn.proj.weight.to(dtype).T           # projected, before the LayerScale
-        zl = out(u)                                                          # ... and after it
-        rec["contrib_norm"] = z.norm(dim=-1)
-        rec["contrib_norm_ls"] = zl.norm(dim=-1)
-        y = rec["attn_out_full"]
-        rec["contrib_proj"] = (zl @ (y / y.norm(dim=-1, keepdim=True)).unsqueeze(-1)).squeeze(-1)
-        maps = {"attn": a.mean(dim=1), "norm": rec["contrib_norm_ls"], "proj": rec["contrib_proj"]}
-        for name, m in maps.items():
-            order = m.argsort(dim=1, descending=True)
-            for k in TOP_PERCENT:
-                top = order[:, :max(1, -(-k * Np // 100))]                   # ceil(k % of the patches)
-                rec[f"rebuilt_{name}_{k}"] = zl.gather(1, top.unsqueeze(-1).expand(-1, -1, zl.shape[-1])).sum(1)
+        weight = self.model.blocks[-1].attn.proj.weight.to(dtype)
+        parts: dict[str, list] = {}
+        for s in range(0, a_all.shape[0], chunk):
+            a, v = a_all[s:s + chunk], v_all[s:s + chunk]
+            B, H, Np, hd = v.shape
+            u = (a.unsqueeze(-1) * v.to(dtype)).permute(0, 2, 1, 3).reshape(B, Np, H * hd)   # (B, Np, D)
+            got = {"contrib_norm": (u @ weight.T).norm(dim=-1)}              # projected, before the LayerScale
+            zl = out(u)                                                      # ... and after it
+            del u
+            got["contrib_norm_ls"] = zl.norm(dim=-1)
+            y = rec["attn_out_full"][s:s + chunk]
+            got["contrib_proj"] = (zl @ (y / y.norm(dim=-1, keepdim=True)).unsqueeze(-1)).squeeze(-1)
+            maps = {"attn": a.mean(dim=1), "norm": got["contrib_norm_ls"], "proj": got["contrib_proj"]}
+            for name, m in maps.items():
+                order = m.argsort(dim=1, descending=True)
+                for k in TOP_PERCENT:
+                    top = order[:, :max(1, -(-k * Np // 100))]               # ceil(k % of the patches)
+                    got[f"rebuilt_{name}_{k}"] = zl.gather(1, top.unsqueeze(-1).expand(-1, -1, zl.shape[-1])).sum(1)
+            for key, value in got.items():
+                parts.setdefault(key, []).append(value)
+        rec.update({key: torch.cat(values) for key, values in parts.items()})
 
 
 # bfloat16 autocast (or, where it fails, TF32 matrix products) is used only where it agrees with full float32
