@@ -214,6 +214,13 @@ def test_fixed_registers_refuse_what_they_cannot_fix():
         FixedRegisters(model, torch.zeros(3, 4, 16))
 
 
+def test_the_calibration_images_follow_the_image_cap(monkeypatch):
+    smoke = PROFILES["smoke"]
+    assert smoke.with_fixed_registers(smoke.model("L", True), smoke.dataset).fix_registers.images == 16
+    monkeypatch.setenv("REGCLS_LIMIT", "4")
+    assert smoke.with_fixed_registers(smoke.model("L", True), smoke.dataset).fix_registers.images == 4
+
+
 def test_a_fixed_trace_stores_its_means():
     smoke = PROFILES["smoke"]
     spec = smoke.with_fixed_registers(smoke.model("L", True), smoke.dataset)

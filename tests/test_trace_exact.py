@@ -63,7 +63,7 @@ def reference(model, x):
         # each patch's contribution, one patch at a time: heads concatenated, projected (no bias), LayerScale
         u = torch.stack([(a0[:, :, i, None] * v[:, :, i]).flatten(1) for i in range(P, a0.shape[-1])], dim=1)
         z = u @ last.attn.proj.weight.T
-    return dict(feats=feats, rows=rows, vals=vals, full_val=full_val, manual_branch=manual_branch, a0=a0, z=z,
+    return dict(feats=feats, rows=rows, vals=vals, full_val=full_val, manual_branch=manual_branch, a0=a0, v=v, z=z,
                 zl=layer_scale(last, z), **got)
 
 
@@ -113,6 +113,12 @@ def test_per_patch_contributions_and_the_outputs_rebuilt_from_the_top_patches(ca
     close(zl.sum(dim=1), tr["attn_out_patch"])                       # the contributions add up to the patch part
     close(tr["contrib_norm"], z.norm(dim=-1))
     close(tr["contrib_norm_ls"], zl.norm(dim=-1))
+    last, hd = model.blocks[-1], model.blocks[-1].attn.head_dim
+    with torch.no_grad():   # each head alone: its columns of the output projection, then the LayerScale
+        per_head = torch.stack([layer_scale(last, torch.einsum("bn,bnd,ed->bne", ref["a0"][:, h, P:], ref["v"][:, h, P:],
+                                                                last.attn.proj.weight[:, h * hd:(h + 1) * hd]))
+                                .norm(dim=-1) for h in range(last.attn.num_heads)], dim=1)
+    close(tr["contrib_norm_heads"], per_head)
     y = ref["branch"][:, 0]
     proj = (zl * (y / y.norm(dim=-1, keepdim=True))[:, None]).sum(-1)
     close(tr["contrib_proj"], proj)

@@ -155,9 +155,11 @@ class Profile:
 
     def with_fixed_registers(self, spec: ModelSpec, dataset: str) -> ModelSpec:
         """``spec`` with Fix-Reg-Mean for a trace on ``dataset``: the means come from the profile's other dataset,
-        never from the images the trace measures."""
+        never from the images the trace measures (``calibration_images`` of them, capped by ``REGCLS_LIMIT``)."""
         other = self.labelled if dataset == self.dataset else self.dataset
-        return replace(spec, fix_registers=FixRegMean(other, self.calibration_images))
+        cap = image_cap()
+        n = self.calibration_images if cap is None else min(self.calibration_images, cap)
+        return replace(spec, fix_registers=FixRegMean(other, n))
 
     def model(self, size: str, registers: bool) -> ModelSpec:
         for m in self.models_with(registers):

@@ -24,6 +24,7 @@ key                                 shape         what
 ``cls_final``                       (n, D)        final [CLS] embedding (after the final norm)
 ``contrib_norm`` / ``_ls``          (n, Np)       last block, per patch i: ||W_o (a_i v_i)|| (heads concatenated),
                                                   before / after the LayerScale (Kobayashi et al. 2020)
+``contrib_norm_heads``              (n, H, Np)    the same per head, after the LayerScale: ||LS(W_o^h a_hi v_hi)||
 ``contrib_proj``                    (n, Np)       the same contribution (after LayerScale) projected on the unit
                                                   vector of ``attn_out_full``: signed, sums with the other parts'
                                                   projections to its norm
@@ -69,7 +70,7 @@ SELECTED = tuple(f"rebuilt_{m}_{k}" for m in MAPS for k in TOP_PERCENT)
 PER_IMAGE = ("cls_attn", "attn_mass", "attn_val_cls", "attn_val_reg", "attn_val_patch", "attn_out_cls",
              "attn_out_reg", "attn_out_patch", "attn_out_full", "skip", "cls_layers", "prefix_penult",
              "prefix_penult_ln", "token_norms_penult", "patch_mean_penult", "patch_sample_penult", "cls_final",
-             "contrib_norm", "contrib_norm_ls", "contrib_proj", *SELECTED)
+             "contrib_norm", "contrib_norm_ls", "contrib_norm_heads", "contrib_proj", *SELECTED)
 DERIVED = ("skip",)   # views of stored arrays, added by Tracer.run and load_trace, never written
 STORED = tuple(k for k in PER_IMAGE if k not in DERIVED)
 PARTS = ("cls", "reg", "patch")
@@ -246,6 +247,9 @@ class Tracer:
         norms, its projection on the output, and the patch part rebuilt from the top patches of each map."""
         dtype = rec["attn_val_cls"].dtype
         weight = self.model.blocks[-1].attn.proj.weight.to(dtype)
+        H, hd = v_all.shape[1], v_all.shape[3]
+        heads = out(torch.eye(weight.shape[1], dtype=dtype, device=weight.device)).reshape(H, hd, -1)   # (H, hd, D)
+        gram = heads @ heads.transpose(1, 2)       # (H, hd, hd): ||LS(W_o^h x)||^2 = x^T gram_h x, per head
         parts: dict[str, list] = {}
         for s in range(0, a_all.shape[0], chunk):
             a, v = a_all[s:s + chunk], v_all[s:s + chunk]
@@ -255,6 +259,8 @@ class Tracer:
             zl = out(u)                                                      # ... and after it
             del u
             got["contrib_norm_ls"] = zl.norm(dim=-1)
+            vh = v.to(dtype)
+            got["contrib_norm_heads"] = a * torch.einsum("bhnd,hde,bhne->bhn", vh, gram, vh).clamp_min(0).sqrt()
             y = rec["attn_out_full"][s:s + chunk]
             got["contrib_proj"] = (zl @ (y / y.norm(dim=-1, keepdim=True)).unsqueeze(-1)).squeeze(-1)
             maps = {"attn": a.mean(dim=1), "norm": got["contrib_norm_ls"], "proj": got["contrib_proj"]}
