@@ -185,24 +185,25 @@ def _position_only_values(model: nn.Module, D: int) -> None:
     v[:, pos] -= v[:, pos].mean(dim=1, keepdim=True)  # zero sum over pos: LayerNorm's mean term drops out
 
 
+def _reserve(model: nn.Module, dims: torch.Tensor) -> None:
+    """Nothing writes ``dims``: zero in the [CLS], register and position embeddings, the patch embedding, and every
+    block's attention and MLP outputs (a planted kind then writes them where it wants them)."""
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        if getattr(model, name, None) is not None:
+            getattr(model, name)[..., dims] = 0.0
+    for lin in (model.patch_embed.proj, *(m for blk in model.blocks for m in (blk.attn.proj, blk.mlp.fc2))):
+        lin.weight[dims] = 0.0
+        if lin.bias is not None:
+            lin.bias[dims] = 0.0
+
+
 def _plant_outlier_neurons(model: nn.Module, D: int) -> None:
     O = torch.arange(0, N_RESERVED)                 # where the outlier units write
     M = torch.arange(N_RESERVED, 2 * N_RESERVED)    # the marker of the outlier patches' positions
-    reserved = torch.cat([O, M])
-    for name in ("cls_token", "reg_token", "pos_embed"):
-        if getattr(model, name, None) is not None:
-            getattr(model, name)[..., reserved] = 0.0
-    model.patch_embed.proj.weight[reserved] = 0.0
-    if model.patch_embed.proj.bias is not None:
-        model.patch_embed.proj.bias[reserved] = 0.0
+    _reserve(model, torch.cat([O, M]))               # nothing writes O or M ...
     first = model.pos_embed.shape[1] - model.patch_embed.num_patches   # 1 when [CLS] has a position
     for p in OUTLIER_PATCHES:
         model.pos_embed[0, first + p, M] = 3.0
-    for blk in model.blocks:                         # nothing writes O or M ...
-        for lin in (blk.attn.proj, blk.mlp.fc2):
-            lin.weight[reserved] = 0.0
-            if lin.bias is not None:
-                lin.bias[reserved] = 0.0
     mlp = model.blocks[OUTLIER_BLOCK].mlp
     for u in OUTLIER_UNITS:                          # ... but these units, which read M only
         mlp.fc1.weight[u] = 0.0
@@ -222,17 +223,7 @@ def _plant_values(model: nn.Module, D: int, gen: torch.Generator, unequal: bool)
     if not unequal:
         return
     M = torch.arange(N_RESERVED, 2 * N_RESERVED)
-    for name in ("cls_token", "reg_token", "pos_embed"):
-        if getattr(model, name, None) is not None:
-            getattr(model, name)[..., M] = 0.0
-    model.patch_embed.proj.weight[M] = 0.0
-    if model.patch_embed.proj.bias is not None:
-        model.patch_embed.proj.bias[M] = 0.0
-    for blk in model.blocks:
-        for lin in (blk.attn.proj, blk.mlp.fc2):
-            lin.weight[M] = 0.0
-            if lin.bias is not None:
-                lin.bias[M] = 0.0
+    _reserve(model, M)
     first = model.pos_embed.shape[1] - model.patch_embed.num_patches
     strength = torch.rand(model.patch_embed.num_patches, 1, generator=gen) * 1.5   # small: LayerNorm stays linear
     model.pos_embed[0, first:, M] = strength          # each patch position its own marker strength
@@ -243,18 +234,8 @@ def _plant_values(model: nn.Module, D: int, gen: torch.Generator, unequal: bool)
 
 def _plant_constant_registers(model: nn.Module, D: int) -> None:
     E = torch.arange(N_RESERVED, 2 * N_RESERVED)
-    for p in (model.cls_token, model.pos_embed):
-        if p is not None:
-            p[..., E] = 0.0
-    model.patch_embed.proj.weight[E] = 0.0
-    if model.patch_embed.proj.bias is not None:
-        model.patch_embed.proj.bias[E] = 0.0
+    _reserve(model, E)
     model.reg_token[..., E] = CONSTANT_MARKER
-    for blk in model.blocks:
-        for lin in (blk.attn.proj, blk.mlp.fc2):
-            lin.weight[E] = 0.0
-            if lin.bias is not None:
-                lin.bias[E] = 0.0
     qkv = model.blocks[-1].attn.qkv
     qkv.weight[:D].zero_()                           # zero queries: uniform attention, the same on every image
     qkv.weight[2 * D:, E] = CONSTANT_READ            # the values read the registers' constant

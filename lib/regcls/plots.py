@@ -78,3 +78,24 @@ def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], p
     ax.set_xlabel("model size")
 
 
+
+
+def map_grid(images: list[np.ndarray], rows: dict[str, np.ndarray], titles: list[str] | None = None,
+             cmap: str = "inferno", size: float = 2.4):
+    """The images in the first row and, below them, one row of maps (n, rows, cols) per entry of ``rows``, labelled
+    by its key; ``titles`` (one per image) go above the last row. Returns the figure."""
+    fig, axes = plt.subplots(1 + len(rows), len(images), figsize=(size * len(images), size * (1 + len(rows))),
+                             squeeze=False)
+    for j, image in enumerate(images):
+        axes[0, j].imshow(image)
+        for r, maps in enumerate(rows.values(), 1):
+            axes[r, j].imshow(maps[j], cmap=cmap)
+        if titles:
+            axes[-1, j].set_title(titles[j], fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+    for r, label in enumerate(rows, 1):
+        axes[r, 0].set_ylabel(label)
+    return fig
