@@ -139,7 +139,7 @@ def test_array_and_world_settings_are_checked(monkeypatch, tmp_path):
         launch.wait_for([tmp_path / "x.npz"], timeout=0.0, poll=0.01, say=lambda m: None)
 
 
-def test_the_book_cache_filled_by_two_ranks_equals_one_process(tmp_path):
+def test_the_book_cache_filled_by_two_ranks_equals_one_process(tmp_path, monkeypatch):
     """``make book GPUS=2`` on the CPU: every trace of the workload computed by two ranks, each shared; two of the
     entries against the same entries computed in one process."""
     r = regcls("cache", "--profile", "smoke-laptop", "--quiet", prefix=TORCHRUN,
@@ -153,3 +153,8 @@ def test_the_book_cache_filled_by_two_ranks_equals_one_process(tmp_path):
     assert [p.name for p in one] == [p.name for p in two]   # the same entries, under the same keys
     for a, b in zip(one, two):
         same(b, np.load(a))
+    from regcls.cache import disk_needed                     # what regcls doctor promises, against the files
+    from regcls.profiles import PROFILES
+    monkeypatch.setenv("REGCLS_LIMIT", "8")
+    written = sum(p.stat().st_size for p in (tmp_path / "one").rglob("*.npz"))
+    assert written == pytest.approx(disk_needed(PROFILES["smoke-laptop"], capped=True), rel=0.1)

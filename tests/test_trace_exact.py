@@ -7,8 +7,8 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 from helpers import FAMILIES, images, tiny
 from regcls.models import layout
-from regcls.trace import (MAPS, PARTS, STORED, TOP_PERCENT, load_trace, run_trace, save_trace, trace_batch,
-                          trace_meta)
+from regcls.trace import (MAPS, PARTS, STORED, TOP_PERCENT, load_trace, per_image_shapes, run_trace, save_trace,
+                          trace_batch, trace_meta)
 
 TOL = dict(rtol=1e-8, atol=1e-8)
 
@@ -192,6 +192,8 @@ def test_the_file_stores_each_array_once_and_reads_the_skip_term_back(tmp_path):
     np.testing.assert_allclose(tr["skip"], ref["skip"].numpy(), rtol=1e-6, atol=1e-6)
     close(ref["skip"], reference(model, x)["in"][-1][:, 0])
     assert tr.meta["model"] == "tiny" and tr.num_registers == 4
+    shapes = per_image_shapes(layout(model))                          # what the disk estimate counts
+    assert {k: tr[k].shape[1:] for k in STORED} == shapes
     part = load_trace(out, keys=["cls_final", "skip"])                  # only what a reader needs
     assert set(part) == {"cls_final", "prefix_penult", "skip", "image_ids", "meta"}
     np.testing.assert_array_equal(part["skip"], tr["skip"])

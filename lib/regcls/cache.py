@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from .data import ImageList, dataset_files
+from .data import DATASETS, ImageList, dataset_files, eval_config
 from .env import cache_dir, resolve_device, use_bf16
 from .files import DAMAGED, library_digest, output_lock, set_aside, source_digest
-from .models import build, weights_id
+from .models import build, create, layout, weights_id
 from .profiles import ModelSpec, Profile
 from .launch import World, all_parts, part_path, wait_for
-from .trace import TRACE_SCHEMA, check_summary, check_trace, load_trace, merge_traces, shard_range, trace_files
+from .trace import (TRACE_SCHEMA, check_summary, check_trace, load_trace, merge_traces, per_image_shapes, shard_range,
+                    trace_files)
 
 
 def prepare_build(folder: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
@@ -198,6 +200,27 @@ class Job(NamedTuple):
     dataset: str
     img_size: int
     crop_pct: float | None = None
+
+
+def disk_needed(profile: Profile, capped: bool = False) -> float:
+    """Bytes the cache needs for every trace of ``profile``'s workload (float32, as written) and the decoded image
+    stores (uint8, one per dataset and geometry), from the schema's shapes and the datasets' sizes; ``capped``: under
+    ``REGCLS_LIMIT``."""
+    import torch
+
+    total, stores = 0.0, set()
+    for job in workload(profile):
+        n = profile.sample(job.dataset, capped=capped)[0] or (
+            DATASETS[job.dataset].n_images if job.dataset in DATASETS else len(dataset_files(job.dataset)))
+        with torch.device("meta"):
+            model = create(job.spec.arch, pretrained=False, img_size=job.img_size, overrides=dict(job.spec.overrides))
+        floats = sum(math.prod(s) for s in per_image_shapes(layout(model)).values())
+        total += n * (4.0 * floats + 256) + 20_000     # + each image's id, and each file's headers and metadata
+        geometry = (job.dataset, eval_config(model, job.img_size, job.crop_pct)[0].key())   # one store per geometry
+        if geometry not in stores:
+            stores.add(geometry)
+            total += n * 3.0 * job.img_size ** 2
+    return total
 
 
 def workload(profile: Profile) -> list[Job]:

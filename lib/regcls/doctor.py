@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 
 from . import __version__
+from .cache import disk_needed
 from .env import (cache_dir, cuda_problem, data_root, driver_cuda_version, hub_reachable, native_bf16,
                   offline_requested, use_bf16)
 from .metrics import cka
 from .models import create
+from .profiles import PROFILES
 from .trace import PRECISION_LABELS, Tracer, auto_batch_size, decide_precision, precision_mode
 
 MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL", "info": "    "}
@@ -71,9 +73,9 @@ def gpu() -> list[Check]:
 
 def folders() -> list[Check]:
     out = []
-    # the paper profile: COCO val2017 and ImageNetV2 (about 2.5 GB); the traces and the decoded images (an estimate
-    # from the rehearsal's file sizes scaled to 5,000 images, made for the 35 traces before DINOv3's 15 smaller ones)
-    for name, folder, need in (("data", data_root(), 2.5), ("cache", cache_dir(), 30.0)):
+    # the paper profile: COCO val2017 and ImageNetV2 (about 2.5 GB); every trace and decoded image store of its
+    # workload, from the trace schema's shapes (regcls.cache.disk_needed; about 107 GB)
+    for name, folder, need in (("data", data_root(), 2.5), ("cache", cache_dir(), round(disk_needed(PROFILES["paper"]) / 1e9))):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder):

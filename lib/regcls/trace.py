@@ -77,6 +77,16 @@ PARTS = ("cls", "reg", "patch")
 N_PATCH_SAMPLE = 8
 
 
+def per_image_shapes(lay) -> dict[str, tuple[int, ...]]:
+    """The shape one image has in every stored array of the schema, for a model's :class:`TokenLayout`."""
+    H, N, L, D, P = lay.heads, lay.num_tokens, lay.depth, lay.dim, lay.num_prefix
+    Np = N - P
+    shapes = {"cls_attn": (H, N), "attn_mass": (L, H, 3), "cls_layers": (L, D), "prefix_penult": (P, D),
+              "prefix_penult_ln": (P, D), "token_norms_penult": (N,), "patch_sample_penult": (len(patch_sample_index(Np)), D),
+              "contrib_norm": (Np,), "contrib_norm_ls": (Np,), "contrib_norm_heads": (H, Np), "contrib_proj": (Np,)}
+    return {k: shapes.get(k, (D,)) for k in STORED}   # the rest: one D-vector per image
+
+
 def patch_sample_index(num_patches: int, k: int = N_PATCH_SAMPLE) -> np.ndarray:
     """K patch indices (raster order) spread evenly over the grid, the same for every image."""
     return np.unique(np.linspace(0, num_patches - 1, min(k, num_patches)).round().astype(int))
