@@ -248,29 +248,29 @@ class Tracer:
         b = bias.to(dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)  # pragma: no mutate (equivalent in float32, on the CPU)
         self.bias = b * gamma if gamma is not None else b
         rec["attn_out_full"] = rec["attn_out_cls"] + rec["attn_out_reg"] + rec["attn_out_patch"] + self.bias
-        self._contributions(rec, out, a, v)
+        self._contributions(rec, weight.to(dtype), gamma, a, v)
 
-    def _contributions(self, rec: dict[str, torch.Tensor], out, a_all: torch.Tensor, v_all: torch.Tensor,
-                       chunk: int = 4) -> None:
-        """Per patch i of the last block: its contribution z_i = LayerScale(W_o (a_i v_i)) to the [CLS] output,
-        held for ``chunk`` images at a time ((chunk, Np, D), so the trace's memory stays that of the model); its
-        norms, its projection on the output, and the patch part rebuilt from the top patches of each map."""
-        dtype = rec["attn_val_cls"].dtype
-        weight = self.model.blocks[-1].attn.proj.weight.to(dtype)
+    def _contributions(self, rec: dict[str, torch.Tensor], weight: torch.Tensor, gamma: torch.Tensor | None,
+                       a_all: torch.Tensor, v_all: torch.Tensor, chunk: int = 4) -> None:
+        """Per patch i of the last block: its contribution z_i = LayerScale(W_o (a_i v_i)) to the [CLS] output
+        (``weight`` W_o (D, D), ``gamma`` the LayerScale (D,) or None), held for ``chunk`` images at a time
+        ((chunk, Np, D), so the trace's memory stays that of the model); its norms, its projection on the output,
+        and the patch part rebuilt from the top patches of each map."""
+        dtype = weight.dtype
         H, hd = v_all.shape[1], v_all.shape[3]
-        heads = out(torch.eye(weight.shape[1], dtype=dtype, device=weight.device)).reshape(H, hd, -1)   # (H, hd, D)
+        heads = weight.T.reshape(H, hd, -1)                                  # (H, hd, D): W_o^h, transposed
+        heads = heads * gamma if gamma is not None else heads
         gram = heads @ heads.transpose(1, 2)       # (H, hd, hd): ||LS(W_o^h x)||^2 = x^T gram_h x, per head
         parts: dict[str, list] = {}
         for s in range(0, a_all.shape[0], chunk):
-            a, v = a_all[s:s + chunk], v_all[s:s + chunk]
-            B, H, Np, hd = v.shape
-            u = (a.unsqueeze(-1) * v.to(dtype)).permute(0, 2, 1, 3).reshape(B, Np, H * hd)   # (B, Np, D)
-            got = {"contrib_norm": (u @ weight.T).norm(dim=-1)}              # projected, before the LayerScale
-            zl = out(u)                                                      # ... and after it
-            del u
+            a, v = a_all[s:s + chunk].to(dtype), v_all[s:s + chunk].to(dtype)
+            B, _, Np, _ = v.shape
+            z = (a.unsqueeze(-1) * v).permute(0, 2, 1, 3).reshape(B, Np, H * hd) @ weight.T   # (B, Np, D)
+            got = {"contrib_norm": z.norm(dim=-1)}                           # projected, before the LayerScale
+            zl = z * gamma if gamma is not None else z                       # ... and after it
+            del z
             got["contrib_norm_ls"] = zl.norm(dim=-1)
-            vh = v.to(dtype)
-            got["contrib_norm_heads"] = a * torch.einsum("bhnd,hde,bhne->bhn", vh, gram, vh).clamp_min(0).sqrt()
+            got["contrib_norm_heads"] = a * torch.einsum("bhnd,hde,bhne->bhn", v, gram, v).clamp_min(0).sqrt()
             y = rec["attn_out_full"][s:s + chunk]
             got["contrib_proj"] = (zl @ (y / y.norm(dim=-1, keepdim=True)).unsqueeze(-1)).squeeze(-1)
             maps = {"attn": a.mean(dim=1), "norm": got["contrib_norm_ls"], "proj": got["contrib_proj"]}
