@@ -53,12 +53,33 @@ def same(path, ref):
 
 def test_two_ranks_merge_into_what_one_process_writes(folder, single, tmp_path):
     out = tmp_path / "two.npz"
-    r = regcls("trace", *ARGS, "--images", str(folder), "--out", str(out), prefix=TORCHRUN,
-               REGCLS_TEST_RANK1_DELAY="4")                 # rank 0 must wait for rank 1's part
+    r = regcls("trace", *ARGS, "--images", str(folder), "--out", str(out), prefix=TORCHRUN)
     assert r.returncode == 0, r.stderr
-    assert "wrote" in r.stdout and "from 2 ranks" in r.stdout and "waiting for 1 of 2 parts" in r.stderr
+    assert "wrote" in r.stdout and "from 2 ranks" in r.stdout
     same(out, single)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.npz"]      # rank 0 alone writes; no parts left
+
+
+def test_rank_0_waits_for_every_part_before_it_merges(folder, single, tmp_path):
+    """The two ranks of a world of two, started by hand one after the other: rank 1 starts only once rank 0 has
+    written its part and says it waits, so the order is fixed, not a race."""
+    out = tmp_path / "two.npz"
+    cmd = [sys.executable, "-m", "regcls", "trace", *ARGS, "--images", str(folder), "--out", str(out)]
+    rank0 = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**env(), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    lines = []
+    while not any("waiting for 1 of 2 parts" in line for line in lines):
+        lines.append(rank0.stderr.readline())
+        assert lines[-1] or rank0.poll() is None, "rank 0 ended without waiting: " + "".join(lines)
+    assert (tmp_path / "two.part-0000-of-0002.npz").is_file() and not out.exists()   # its part, no merge yet
+    rank1 = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                           env={**env(), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert rank1.returncode == 0, rank1.stderr
+    assert "two.part-0001-of-0002.npz" in rank1.stdout and "ranks" not in rank1.stdout   # rank 1: its part only
+    stdout, stderr = rank0.communicate(timeout=120)
+    assert rank0.returncode == 0, stderr
+    assert "from 2 ranks" in stdout
+    same(out, single)
 
 
 def test_a_rank_killed_mid_run_and_a_rerun_give_the_same_file(folder, single, tmp_path):
@@ -95,8 +116,8 @@ def test_job_array_tasks_and_merge_wait(folder, single, tmp_path):
     out = tmp_path / "a.npz"
     merge = subprocess.Popen([sys.executable, "-m", "regcls", "merge", "--wait", "--parts", "2", "--out", str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    time.sleep(1.0)
-    assert merge.poll() is None                              # waiting for the parts
+    assert "waiting for 2 of 2 parts" in merge.stderr.readline()    # waiting before any task has run
+    assert merge.poll() is None
     for task in (1, 0):
         r = regcls("trace", *ARGS, "--images", str(folder), "--shard", "auto", "--out", str(out),
                    SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_COUNT="2")
@@ -104,7 +125,7 @@ def test_job_array_tasks_and_merge_wait(folder, single, tmp_path):
         assert f"a.part-{task:04d}-of-0002.npz" in r.stdout
     stdout, stderr = merge.communicate(timeout=120)
     assert merge.returncode == 0, stderr
-    assert "waiting for" in stderr and "from 2 shards" in stdout
+    assert "from 2 shards" in stdout
     same(out, single)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
 

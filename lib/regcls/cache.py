@@ -15,9 +15,8 @@ from .env import cache_dir, resolve_device, use_bf16
 from .files import DAMAGED, library_digest, output_lock, set_aside, source_digest
 from .models import build, create, layout, weights_id
 from .profiles import ModelSpec, Profile
-from .launch import World, all_parts, part_path, wait_for
-from .trace import (TRACE_SCHEMA, check_summary, check_trace, load_trace, merge_traces, per_image_shapes, shard_range,
-                    trace_files)
+from .launch import World, merge_parts, part_path
+from .trace import TRACE_SCHEMA, check_summary, check_trace, load_trace, per_image_shapes, shard_range, trace_files
 
 
 def prepare_build(folder: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
@@ -143,12 +142,8 @@ def fill_shard(spec: ModelSpec, dataset: str, world: World, *, img_size: int, li
         a, b = shard_range(len(e.images), world.shard)
         _trace_entry(e, e.images[a:b], part, batch_size, device, progress, shard=world.shard)
     if world.rank == 0:
-        parts = all_parts(e.path, world.size)
-        wait_for(parts)
         with output_lock(e.path, wait=True):
-            merge_traces(parts, e.path)
-        for p in parts:
-            p.unlink()
+            merge_parts(e.path, world.size)
     return e.path
 
 
@@ -179,10 +174,16 @@ def trace_for(profile: Profile, spec: ModelSpec, dataset: str | None = None, img
     ``crop_pct`` to the model's own preprocessing.
     """
     dataset = dataset or profile.dataset
+    return get_trace(spec, dataset, img_size=img_size or profile.img_size, progress=progress, crop_pct=crop_pct,
+                     **profile_options(profile, dataset))
+
+
+def profile_options(profile: Profile, dataset: str) -> dict:
+    """What ``profile`` passes to :func:`get_trace` for ``dataset``: its image cap and classes (``REGCLS_LIMIT``
+    applied), batch size, device and precision."""
     limit, classes = profile.sample(dataset)
-    return get_trace(spec, dataset, img_size=img_size or profile.img_size, limit=limit, classes=classes,
-                     batch_size=profile.batch_size, device=profile.device, amp=profile.device != "cpu",
-                     progress=progress, crop_pct=crop_pct)
+    return dict(limit=limit, classes=classes, batch_size=profile.batch_size, device=profile.device,
+                amp=profile.device != "cpu")
 
 
 def profile_traces(profile: Profile, registers: bool, dataset: str | None = None, img_size: int | None = None,

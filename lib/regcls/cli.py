@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import sys
-import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .cache import content_key, fill_shard, get_trace, workload
+from .cache import content_key, fill_shard, get_trace, profile_options, workload
 from .data import DATASETS, SHIPPED, dataset_files, download_dataset, folder_images, scan_images
 from .doctor import run as run_doctor
 from .env import data_root, resolve_precision
 from .errors import RegclsError
-from .launch import all_parts, array_shard, device_for, part_path, torchrun_world, wait_for
+from .launch import array_shard, device_for, merge_parts, part_path, torchrun_world, wait_for
 from .models import build, weights_id
 from .profiles import ModelSpec, active_profile
 from .trace import merge_traces, shard_range, trace_files
@@ -58,17 +56,12 @@ def _trace_rank(args: argparse.Namespace, world) -> int:
     """One torchrun rank: its shard into its own part (a finished part is kept on a rerun); rank 0 then waits for
     every part and merges them into ``--out``, which no other rank writes."""
     part = part_path(args.out, world.shard)
-    time.sleep(float(os.environ.get(f"REGCLS_TEST_RANK{world.rank}_DELAY", 0)))   # tests: a rank that lags
     if part.is_file():
         print(f"rank {world.rank}: {part.name} is finished", file=sys.stderr)
     else:
         _trace(args, str(part), device_for(world, args.device), world.shard)
     if world.rank == 0:
-        parts = all_parts(args.out, world.size)
-        wait_for(parts)
-        merge_traces(parts, args.out)
-        for p in parts:
-            p.unlink()
+        merge_parts(args.out, world.size)
         print(f"wrote {args.out} from {world.size} ranks")
     return 0
 
@@ -113,14 +106,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     ``--wait`` first waits until every one is there."""
     if bool(args.shards) == bool(args.parts):
         raise RegclsError("give the shard files, or --parts K for the parts of a job array (regcls trace --shard auto)")
-    shards = [Path(s) for s in args.shards] or all_parts(args.out, args.parts)
-    if args.wait:
-        wait_for(shards, timeout=args.timeout)
-    out = merge_traces(shards, args.out)
-    if args.parts:   # the array's parts are intermediate files
-        for p in shards:
-            p.unlink()
-    print(f"wrote {out} from {len(shards)} shards")
+    if args.parts:   # the array's parts, intermediate files beside --out
+        out = merge_parts(args.out, args.parts, timeout=args.timeout if args.wait else 0.0)
+    else:
+        if args.wait:
+            wait_for([Path(s) for s in args.shards], timeout=args.timeout)
+        out = merge_traces(args.shards, args.out)
+    print(f"wrote {out} from {args.parts or len(args.shards)} shards")
     return 0
 
 
@@ -170,14 +162,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     world = torchrun_world()
     jobs = workload(prof)
     for n, job in enumerate(jobs, 1):
-        limit, classes = prof.sample(job.dataset)
-        opts = dict(img_size=job.img_size, limit=limit, classes=classes, batch_size=prof.batch_size,
-                    amp=prof.device != "cpu", progress=not args.quiet, crop_pct=job.crop_pct)
+        opts = {**profile_options(prof, job.dataset), "img_size": job.img_size, "crop_pct": job.crop_pct,
+                "progress": not args.quiet}
         try:
             if world is None or world.size == 1:
-                get_trace(job.spec, job.dataset, device=prof.device, **opts)
+                get_trace(job.spec, job.dataset, **opts)
             else:
-                fill_shard(job.spec, job.dataset, world, device=device_for(world, prof.device), **opts)
+                fill_shard(job.spec, job.dataset, world, **{**opts, "device": device_for(world, opts["device"])})
         except RegclsError as e:
             raise RegclsError(f"{'' if world is None else f'rank {world.rank}: '}{job.spec.label} on {job.dataset}: "
                               f"{e}") from None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import RegclsError
+from .trace import merge_traces
 
 
 class World(NamedTuple):
@@ -75,6 +76,17 @@ def part_path(out: str | Path, shard: str) -> Path:
 
 def all_parts(out: str | Path, count: int) -> list[Path]:
     return [part_path(out, f"{i}/{count}") for i in range(count)]
+
+
+def merge_parts(out: str | Path, count: int, timeout: float | None = None) -> Path:
+    """Wait until all ``count`` parts of ``out`` are there, merge them into ``out`` (checking that they belong
+    together, :func:`regcls.trace.merge_traces`), and remove them."""
+    parts = all_parts(out, count)
+    wait_for(parts, timeout=timeout)
+    merge_traces(parts, out)
+    for p in parts:
+        p.unlink()
+    return Path(out)
 
 
 def wait_for(paths: list[Path], timeout: float | None = None, poll: float = 2.0, say=None) -> None:
