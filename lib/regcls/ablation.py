@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import Interval, cka_interval, knockout, oneshot, oneshot_split
+from .metrics import Interval, cka_interval, knockout, oneshot_over_seeds
 
 HOWS = ("zero", "mean", "resample", "noise")
 STOCHASTIC = ("resample", "noise")
@@ -63,16 +63,14 @@ def replacement_oneshot(trace: dict, part: str = "reg", sampling_seeds=(0, 1, 2,
     """Sec. 3.3's one-shot test with the replacements: trained on one unaltered output per class, tested on
     another image's output with ``part`` replaced (the mean, permutation and moments over all the labelled
     images). ``{"unaltered", *HOWS}``, each the top-``k`` accuracy per sampling seed (seeds,)."""
-    parts, y = knockout(trace, level=level, bias=False), trace["labels"]
-    runs = []
-    for seed in sampling_seeds:
-        a, b = oneshot_split(y, seed)
-        rng = np.random.default_rng(seed)
-        test = {p: v[b] for p, v in parts.items()}
-        tests = {"unaltered": test["full"]}
-        tests.update({how: replaced(test, part, how, rng, reference=parts[part]) for how in HOWS})
-        runs.append(oneshot(parts["full"][a], y[a], tests, y[b], classifier=classifier, k=k))
-    return {name: np.array([r[name] for r in runs]) for name in ("unaltered", *HOWS)}
+    parts = knockout(trace, level=level, bias=False)
+
+    def tests_for(b, seed):
+        rng, test = np.random.default_rng(seed), {p: v[b] for p, v in parts.items()}
+        return {"unaltered": test["full"],
+                **{how: replaced(test, part, how, rng, reference=parts[part]) for how in HOWS}}
+
+    return oneshot_over_seeds(parts["full"], trace["labels"], tests_for, sampling_seeds, k, classifier)
 
 
 def variance_shares(trace: dict, level: str = "val") -> dict[str, float]:
@@ -97,10 +95,6 @@ def fixed_oneshot(plain: dict, fixed: dict, sampling_seeds=(0, 1, 2, 3, 4), k: i
     the same images in the same order). ``{"unaltered", "fixed"}``, each the top-``k`` accuracy per seed."""
     if list(plain["image_ids"]) != list(fixed["image_ids"]):
         raise ValueError("the unaltered and the fixed trace hold other images")
-    y, runs = plain["labels"], []
-    for seed in sampling_seeds:
-        a, b = oneshot_split(y, seed)
-        runs.append(oneshot(plain["cls_final"][a], y[a], {"unaltered": plain["cls_final"][b],
-                                                            "fixed": fixed["cls_final"][b]}, y[b],
-                            classifier=classifier, k=k))
-    return {name: np.array([r[name] for r in runs]) for name in ("unaltered", "fixed")}
+    return oneshot_over_seeds(plain["cls_final"], plain["labels"],
+                              lambda b, seed: {"unaltered": plain["cls_final"][b], "fixed": fixed["cls_final"][b]},
+                              sampling_seeds, k, classifier)

@@ -353,13 +353,21 @@ def oneshot_knockout(trace: dict, seeds, k: int, classifier: str = "logreg", **k
     """Sec. 3.3's one-shot test of a labelled trace, per sampling seed: trained on one unaltered output per class,
     tested on another image's unaltered, patch-only and register-only output (:func:`knockout` with
     ``knockout_options``). Returns ``{"full", "patch", "reg"}``, each the top-``k`` accuracy per seed (seeds,)."""
-    ko, y = knockout(trace, **knockout_options), trace["labels"]
+    ko = knockout(trace, **knockout_options)
+    return oneshot_over_seeds(ko["full"], trace["labels"],
+                              lambda b, seed: {p: ko[p][b] for p in ("full", "patch", "reg")}, seeds, k, classifier)
+
+
+def oneshot_over_seeds(train_X: np.ndarray, labels: np.ndarray, tests_for, seeds, k: int,
+                       classifier: str = "logreg") -> dict[str, np.ndarray]:
+    """The one-shot test once per sampling seed: trained on ``train_X`` (n, d) of one image per class, tested on
+    ``tests_for(b, seed)``, a dict of arrays for the test images' indices ``b`` (:func:`oneshot_split`). Returns
+    each test's top-``k`` accuracy per seed (seeds,), by name."""
     runs = []
     for seed in seeds:
-        a, b = oneshot_split(y, seed)
-        runs.append(oneshot(ko["full"][a], y[a], {p: ko[p][b] for p in ("full", "patch", "reg")}, y[b],
-                            classifier=classifier, k=k))
-    return {p: np.array([r[p] for r in runs]) for p in ("full", "patch", "reg")}
+        a, b = oneshot_split(labels, seed)
+        runs.append(oneshot(train_X[a], labels[a], tests_for(b, seed), labels[b], classifier=classifier, k=k))
+    return {name: np.array([r[name] for r in runs]) for name in runs[0]}
 
 
 def oneshot(train_X: np.ndarray, train_y: np.ndarray, tests: dict[str, np.ndarray], test_y: np.ndarray,
