@@ -71,3 +71,16 @@ def test_claim_rows_say_which_code_computed_them():
     assert now.stamp == code_stamp() and "library " in now.stamp and not now.stale
     old = ClaimCheck("3.1", "c", "p", "o", True, "smoke", stamp="commit 0000000, library 0123456789abcdef")
     assert old.stale
+
+
+def test_a_trace_rebuilds_the_spec_it_was_traced_with():
+    """``ModelSpec.from_description`` inverts ``describe`` through JSON (as a trace file stores it), for every model of
+    every profile's workload, so that a trace's label is the spec's own."""
+    import json
+
+    from regcls.cache import workload
+    from regcls.profiles import PROFILES, ModelSpec
+
+    for profile in PROFILES.values():
+        for job in workload(profile):
+            assert ModelSpec.from_description(json.loads(json.dumps(job.spec.describe()))) == job.spec, job.spec

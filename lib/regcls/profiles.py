@@ -43,6 +43,12 @@ class TestTime:
             return {"neurons": {str(b): list(u) for b, u in self.neurons}}
         return {"found_on": self.calibration, "images": self.images, "top_k": self.top_k}
 
+    @classmethod
+    def from_description(cls, d: dict) -> "TestTime":
+        if "neurons" in d:
+            return cls(neurons=tuple((int(b), tuple(u)) for b, u in d["neurons"].items()))
+        return cls(calibration=d["found_on"], images=d["images"], top_k=d["top_k"])
+
 
 @dataclass(frozen=True)
 class FixRegMean:
@@ -100,6 +106,15 @@ class ModelSpec:
         if self.fix_registers is not None:
             out["fixed_registers"] = self.fix_registers.describe()
         return out
+
+    @classmethod
+    def from_description(cls, d: dict) -> "ModelSpec":
+        """The spec :meth:`describe` recorded (a trace's ``model_spec``)."""
+        tt, fr = d.get("test_time_register"), d.get("fixed_registers")
+        return cls(d["size"], d["arch"], d["name"].partition(".")[2] or None, d["weights"],
+                   tuple(sorted(d["overrides"].items())),
+                   testtime=None if tt is None else TestTime.from_description(tt),
+                   fix_registers=None if fr is None else FixRegMean(**fr))
 
 
 @dataclass(frozen=True)

@@ -437,9 +437,8 @@ class Trace(dict):
     def label(self) -> str:
         """The model's short label for figures and tables: ``L+reg``, ``L``, ``L+ttr``, ``H+ v3``
         (:attr:`ModelSpec.label`)."""
-        spec = self["meta"].get("model_spec") or {}
-        label = ModelSpec(spec.get("size", "?"), spec.get("arch", self["meta"]["model"])).label
-        return label + ("+ttr" if "test_time_register" in spec else "") + (" fixed" if "fixed_registers" in spec else "")
+        spec = self["meta"].get("model_spec")
+        return (ModelSpec.from_description(spec) if spec else ModelSpec("?", self["meta"]["model"])).label
 
 
 def load_trace(path: str | Path, meta_only: bool = False, keys: list[str] | None = None) -> Trace:
