@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PROFILE ?=
 export REGCLS_PROFILE := $(PROFILE)
 
-.PHONY: book test venv clean bench rehearsal mutate
+.PHONY: book test venv clean bench rehearsal mutate gpu-check
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,13 @@ mutate: venv
 
 bench: venv
 	$(PY) -m regcls.bench
+
+# On a GPU machine: doctor, the trace's exactness on the GPU, ViT-g at 518 px through the command line and the
+# benchmark, within BUDGET seconds (default 420); gpu-check.json and a table at the end. Runs with the project's venv
+# where there is one, else with the machine's own python3 (a GPU machine with its own torch: PYTHONPATH=lib).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=lib $(GPU_PY) -m regcls.gpucheck --budget $(or $(BUDGET),420) --json gpu-check.json
 
 clean:
 	rm -rf _build

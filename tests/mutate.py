@@ -32,14 +32,14 @@ STAGE = ROOT / "_mutate"
 SCOPE: dict[str, list[str]] = {
     "metrics": ["regcls.metrics.*"],
     "probe": ["regcls.probe.*"],
-    "trace hooks": ["regcls.trace.x_patch_sample_index__*", "regcls.trace.x__cls_row__*", "regcls.trace.x__split__*",
-                    "regcls.trace.xǁTracerǁ*", "regcls.trace.x_trace_batch__*", "regcls.trace.x__pack__*",
-                    "regcls.trace.x__unpack__*"],
+    "trace hooks": ["regcls.tracefile.x_patch_sample_index__*", "regcls.trace.x__cls_row__*", "regcls.trace.x__split__*",
+                    "regcls.trace.xǁTracerǁ*", "regcls.trace.x_trace_batch__*", "regcls.runner.xǁ_Packerǁ*",
+                    "regcls.runner.x_unpack__*"],
     "image pipeline": ["regcls.data.x_list_images__*", "regcls.data.x_load_rgb__*", "regcls.data.xǁGeometryǁ*",
                        "regcls.data.x_eval_config__*", "regcls.data.x__decode_one__*", "regcls.data.xǁImageStoreǁ*",
                        "regcls.data.xǁNormalizedǁ*", "regcls.data.x_decode_images__*"],
 }
-FILES = ["metrics.py", "probe.py", "trace.py", "data.py"]
+FILES = ["metrics.py", "probe.py", "tracefile.py", "trace.py", "runner.py", "data.py"]
 # The fast unit tests that guard these modules (about 10 s in all); mutmut runs, per mutant, only those that reach
 # it. The planted controls (tests/test_controls.py) are left out: each trace mutant would retrace them (~1 min).
 TESTS = ["tests/test_metrics.py", "tests/test_trace_exact.py", "tests/test_data.py", "tests/test_gpu_path.py"]
@@ -53,7 +53,7 @@ CONFTEST = """
 def _trace_cache_per_mutant(tmp_path_factory):
     # a mutant of the trace or the image pipeline traces with its own code: the cache filled by the unmutated
     # run would hide it (mutants of metrics and probe read the same traces as the unmutated code, cache or not)
-    if os.environ.get("MUTANT_UNDER_TEST", "").startswith(("regcls.trace.", "regcls.data.")):
+    if os.environ.get("MUTANT_UNDER_TEST", "").startswith(("regcls.trace.", "regcls.tracefile.", "regcls.runner.", "regcls.data.")):
         os.environ["REGCLS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 

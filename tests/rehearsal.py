@@ -239,7 +239,7 @@ def download_datasets(names: list[str]) -> None:
 
 def trace_one(profile_name: str, index: int, out: Path) -> None:
     """One trace of the workload, in this process; its measurements go to ``out`` (JSON)."""
-    import regcls.trace as T
+    import regcls.runner as R
     from regcls.bench import _status_mb, flops_per_image  # VmHWM: peak since exec (ru_maxrss keeps the parent's)
     from regcls.cache import trace_for, workload
     from regcls.models import create
@@ -248,7 +248,7 @@ def trace_one(profile_name: str, index: int, out: Path) -> None:
     profile = PROFILES[profile_name]
     spec, dataset, img_size, crop_pct = workload(profile)[index]
     timed = {}
-    run_trace = T.run_trace
+    run_trace = R.run_trace
 
     def timed_run(*a, **k):
         t = time.perf_counter()
@@ -256,7 +256,7 @@ def trace_one(profile_name: str, index: int, out: Path) -> None:
         timed["trace_s"] = time.perf_counter() - t
         return r
 
-    T.run_trace = timed_run
+    R.run_trace = timed_run
     start = time.perf_counter()
     tr = trace_for(profile, spec, dataset, img_size, progress=False, crop_pct=crop_pct)
     wall = time.perf_counter() - start

@@ -45,7 +45,8 @@ def test_image_store_equals_timms_eval_transform(case, folder):
 
 def test_labels_stay_with_their_images_when_a_file_is_skipped(tmp_path):
     """A broken file in the middle of a labelled folder: every later image keeps its own class."""
-    from regcls.trace import load_trace, trace_files
+    from regcls.runner import trace_files
+    from regcls.tracefile import load_trace
 
     root = tmp_path / "lab"
     for c in range(3):

@@ -172,10 +172,10 @@ def test_a_damaged_trace_is_set_aside_warned_once_and_recomputed(tmp_path, entry
 
 
 def test_a_trace_of_another_key_or_shape_is_not_read(tmp_path, entry):
-    from regcls.trace import load_trace, save_trace
+    from regcls.tracefile import load_trace, save_trace
     get, ref = entry
     (path,) = (tmp_path / "traces").glob("*.npz")
-    from regcls.trace import PER_IMAGE
+    from regcls.tracefile import PER_IMAGE
     tr = load_trace(path)
     meta = {k: v for k, v in tr["meta"].items() if k not in ("regcls_version", "trace_schema")}
     arrays = {k: tr[k] for k in (*PER_IMAGE, "attn_out_bias", "image_ids")}
@@ -230,20 +230,22 @@ class FullAfter:
         return Writer()
 
 
-def part_bytes(folder, tmp_path):
-    """The size of one part file of this trace (two images)."""
-    out = tmp_path / "probe.npz"
-    env = {**os.environ, "REGCLS_TEST_PAUSE_AFTER_BATCHES": "1"}
-    proc = paused([sys.executable, "-m", "regcls", *ARGS, "--images", str(folder), "--out", str(out)], env)
-    proc.kill()
-    proc.wait()
-    (part,) = (tmp_path / "probe.npz.parts").glob("*-*.npz")
-    return part.stat().st_size
+def file_bytes(n: int, batch: int) -> tuple[int, int]:
+    """What this trace of ``n`` images writes before its first batch (the file's headers), and per batch."""
+    import torch
+    from regcls.models import create, layout
+    from regcls.tracefile import file_layout, per_image_shapes
+    with torch.device("meta"):
+        model = create("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56,
+                       overrides=dict(embed_dim=48, depth=2, num_heads=3))   # TINY_CLI's model
+    members, _ = file_layout(n, per_image_shapes(layout(model)))
+    return sum(m.data - m.offset for m in members), batch * sum(m.row_bytes for m in members)
 
 
 @pytest.mark.slow
 def test_a_full_disk_says_what_was_kept_and_a_rerun_completes(folder, clean, tmp_path, monkeypatch, capsys):
-    budget = int(2.5 * part_bytes(folder, tmp_path))     # two parts fit, the third does not
+    head, batch = file_bytes(12, 2)
+    budget = head + int(2.5 * batch)     # the headers and two batches (with their progress notes) fit, the third not
     out = tmp_path / "t.npz"
     monkeypatch.setattr(files, "_writer", FullAfter(budget))
     assert cli.main([*ARGS, "--images", str(folder), "--out", str(out)]) == 2

@@ -7,7 +7,7 @@ import pytest
 from regcls import maps as Mp
 from regcls.cache import get_trace
 from regcls.profiles import MAP_CONTROLS
-from regcls.trace import MAPS, TOP_PERCENT
+from regcls.tracefile import MAPS, TOP_PERCENT
 
 
 def test_spearman_per_row():

@@ -14,7 +14,8 @@ from regcls.data import DATASETS, SHIPPED
 from regcls.errors import RegclsError
 from regcls.models import create, load_checkpoint
 from regcls.profiles import PROFILES
-from regcls.trace import load_trace, trace_batch
+from regcls.trace import trace_batch
+from regcls.tracefile import load_trace
 
 ARCH = "vit_small_patch14_reg4_dinov2"
 SET = dict(embed_dim=48, depth=2, num_heads=3)

@@ -18,6 +18,7 @@ from helpers import TINY_CLI, random_png_folder
 
 from regcls.data import Geometry, decode_images, list_images, load_rgb
 from regcls.errors import RegclsError
+from regcls.runner import images_kept
 
 ARCH_ARGS = TINY_CLI
 
@@ -119,7 +120,8 @@ def test_interrupted_trace_leaves_no_file_and_resumes_identically(many_images, u
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert not out.exists(), "an interrupted run must not leave a file at --out"
-    assert len(list(parts.glob("*-*.npz"))) == 3
+    assert images_kept(parts) == 6                          # three batches of two on disk, resumable
+    assert not list(parts.glob("*.tmp"))
     r = run_cli(*args, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "resuming: 6 of 48 images already traced" in r.stderr
@@ -131,7 +133,9 @@ def test_interrupted_trace_leaves_no_file_and_resumes_identically(many_images, u
 
 
 def test_out_of_memory_halves_the_batch(monkeypatch, tmp_path):
+    from regcls import runner as R
     from regcls import trace as T
+    from regcls.tracefile import load_trace
     from regcls.models import create
     model = create("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56,
                    overrides=dict(embed_dim=48, depth=2, num_heads=3))
@@ -147,8 +151,8 @@ def test_out_of_memory_halves_the_batch(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     x = torch.randn(7, 3, 56, 56)
     meta = T.trace_meta(model, model="m", weights="random", dataset="d", img_size=56)
-    T.run_trace(model, x, [str(i) for i in range(7)], out=tmp_path / "o.npz", meta=meta, batch_size=8, progress=False)
-    assert seen[:3] == [7, 4, 2] and T.load_trace(tmp_path / "o.npz")["cls_final"].shape[0] == 7
+    R.run_trace(model, x, [str(i) for i in range(7)], out=tmp_path / "o.npz", meta=meta, batch_size=8, progress=False)
+    assert seen[:3] == [7, 4, 2] and load_trace(tmp_path / "o.npz")["cls_final"].shape[0] == 7
 
 
 # ------------------------------------------------------------------------------- downloads

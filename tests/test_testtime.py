@@ -16,7 +16,9 @@ from regcls.models import build, layout
 from regcls.profiles import PROFILES
 from regcls.testtime import (DINOV2_L_NEURONS, FixedRegisters, TestTimeRegister, find_outlier_neurons,
                              register_means, signed_max)
-from regcls.trace import load_trace, run_trace, trace_batch, trace_meta
+from regcls.runner import run_trace
+from regcls.trace import trace_batch, trace_meta
+from regcls.tracefile import load_trace
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 

@@ -7,8 +7,9 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 
 from helpers import FAMILIES, images, tiny
 from regcls.models import layout
-from regcls.trace import (MAPS, PARTS, STORED, TOP_PERCENT, load_trace, per_image_shapes, run_trace, save_trace,
-                          trace_batch, trace_meta)
+from regcls.runner import run_trace
+from regcls.trace import trace_batch, trace_meta
+from regcls.tracefile import MAPS, PARTS, STORED, TOP_PERCENT, load_trace, per_image_shapes, save_trace
 
 TOL = dict(rtol=1e-8, atol=1e-8)
 
@@ -164,7 +165,7 @@ def test_penultimate_tokens(case):
     close(tr["prefix_penult_ln"], model.blocks[-1].norm1(xin)[:, :P])
     close(tr["token_norms_penult"], xin.norm(dim=-1))
     close(tr["patch_mean_penult"], xin[:, P:].mean(dim=1))
-    from regcls.trace import patch_sample_index
+    from regcls.tracefile import patch_sample_index
     idx = patch_sample_index(xin.shape[1] - P)
     close(tr["patch_sample_penult"], xin[:, P + idx])
 
@@ -255,7 +256,8 @@ def test_bfloat16_autocast_keeps_the_traces_own_arithmetic_in_float32(family):
 def test_a_dinov3_model_runs_as_before_after_a_trace():
     """The trace lets Eva add its qkv bias after the projection while it is attached (so that its hook sees the
     projection); detached, the model computes as before, and the bf16 check reads Eva's LayerScale."""
-    from regcls.trace import Tracer, amp_agreement
+    from regcls.precision import amp_agreement
+    from regcls.trace import Tracer
 
     model = tiny("dinov3_qkvb", dtype=torch.float32)
     x = images(model, dtype=torch.float32)

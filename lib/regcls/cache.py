@@ -2,6 +2,7 @@
 images, resolution, precision, schema) and read back afterwards. Interrupted traces resume."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -11,12 +12,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .data import DATASETS, ImageList, dataset_files, eval_config
-from .env import cache_dir, resolve_device, use_bf16
+from .env import cache_dir, resolve_device, use_amp
 from .files import DAMAGED, library_digest, output_lock, set_aside, source_digest
 from .models import build, create, layout, weights_id
 from .profiles import ModelSpec, Profile
 from .launch import World, merge_parts, part_path
-from .trace import TRACE_SCHEMA, check_summary, check_trace, load_trace, per_image_shapes, shard_range, trace_files
+from .precision import check_summary
+from .runner import shard_range, trace_files
+from .tracefile import TRACE_SCHEMA, check_trace, load_trace, per_image_shapes
 
 
 def prepare_build(folder: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
@@ -109,7 +112,7 @@ class Entry(NamedTuple):
 
 
 def _entry(spec, dataset, img_size, limit, classes, checkpoint, device, amp, crop_pct) -> Entry:
-    amp = amp and use_bf16(device)  # a T4 (Colab) runs float32 without a warning
+    amp = amp and use_amp(device)  # a lower precision on a GPU (each step checked), float32 on the CPU
     images = dataset_files(dataset, limit, download=True, classes=classes)
     desc = {"model": spec.describe(), "weights": weights_id(spec, checkpoint), "dataset": dataset,
             "ids": content_key({"ids": images.ids}), "img_size": img_size, "crop_pct": crop_pct, "amp": amp,
@@ -119,8 +122,40 @@ def _entry(spec, dataset, img_size, limit, classes, checkpoint, device, amp, cro
     return Entry(path, key, spec, dataset, images, img_size, checkpoint, amp, crop_pct)
 
 
+# While :func:`model_reuse` is active: the model built last, with what built it (one model: the last goes before
+# the next is built).
+_REUSE: dict | None = None
+
+
+@contextlib.contextmanager
+def model_reuse():
+    """Inside, consecutive traces of one model (the same spec, resolution and checkpoint; e.g. on both datasets and
+    with the other crop) share one built model instead of loading its weights again; it is released on exit.
+    ``regcls cache`` (and so ``make book``) and :func:`profile_traces` use it."""
+    global _REUSE
+    outer = _REUSE is not None
+    if not outer:
+        _REUSE = {}
+    try:
+        yield
+    finally:
+        if not outer:
+            _REUSE = None
+
+
+def _model(e: Entry):
+    """The model of an entry: built, or the one :func:`model_reuse` holds for it."""
+    if _REUSE is None:
+        return build(e.spec, e.img_size, e.checkpoint)
+    key = (json.dumps(e.spec.describe(), sort_keys=True, default=str), e.img_size, str(e.checkpoint))
+    if _REUSE.get("key") != key:
+        _REUSE.clear()   # the model before goes first: one model in memory at a time
+        _REUSE.update(key=key, model=build(e.spec, e.img_size, e.checkpoint))
+    return _REUSE["model"]
+
+
 def _trace_entry(e: Entry, images: ImageList, out: Path, batch_size, device, progress, shard: str | None = None):
-    model = build(e.spec, e.img_size, e.checkpoint)
+    model = _model(e)
     trace_files(model, images, out=out, img_size=e.img_size, batch_size=batch_size, device=device, amp=e.amp,
                 progress=progress, store_cache=cache_dir() / "stores" / e.dataset, crop_pct=e.crop_pct,
                 check_files=e.images.files[:32] if shard else None,
@@ -155,7 +190,7 @@ PRECISIONS: dict[str, str] = {}
 def _loaded(trace: dict) -> dict:
     meta = trace["meta"]
     label = meta.get("precision", "float32")
-    checks = [(m, meta.get(k)) for m, k in (("bf16", "amp_check"), ("TF32", "tf32_check"))]
+    checks = [(m, meta.get(k)) for m, k in (("bf16", "amp_check"), ("fp16", "fp16_check"), ("TF32", "tf32_check"))]
     said = [f"{m} check {'passed' if c['ok'] else 'failed'}: {check_summary(c)}" for m, c in checks if isinstance(c, dict)]
     if said:   # a lower precision was asked for: the checks decided, with these figures
         label += f" ({'; '.join(said)})"
@@ -191,7 +226,8 @@ def profile_traces(profile: Profile, registers: bool, dataset: str | None = None
     """Traces of every DINOv2 model of ``profile`` with (or without) registers, keyed by size ("S", ... "g"); or of
     ``specs`` (e.g. ``profile.dinov3``), keyed by their sizes."""
     models = profile.models_with(registers) if specs is None else list(specs)
-    return {m.size: trace_for(profile, m, dataset, img_size, progress, crop_pct) for m in models}
+    with model_reuse():
+        return {m.size: trace_for(profile, m, dataset, img_size, progress, crop_pct) for m in models}
 
 
 class Job(NamedTuple):

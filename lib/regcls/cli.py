@@ -9,7 +9,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .cache import content_key, fill_shard, get_trace, profile_options, workload
+from .cache import content_key, fill_shard, get_trace, model_reuse, profile_options, workload
 from .data import DATASETS, SHIPPED, dataset_files, download_dataset, folder_images, scan_images
 from .doctor import run as run_doctor
 from .env import data_root, resolve_precision
@@ -17,7 +17,8 @@ from .errors import RegclsError
 from .launch import array_shard, device_for, merge_parts, part_path, torchrun_world, wait_for
 from .models import build, weights_id
 from .profiles import ModelSpec, active_profile
-from .trace import merge_traces, shard_range, trace_files
+from .runner import shard_range, trace_files
+from .tracefile import merge_traces
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -160,7 +161,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     builds from it; under torchrun each trace is shared among the ranks (``make book GPUS=N``)."""
     prof = active_profile(args.profile, verbose=False)
     world = torchrun_world()
-    jobs = workload(prof)
+    # a model's traces in a row (both datasets, the other crop): built once
+    jobs = sorted(workload(prof), key=lambda j: (j.spec.name, j.img_size, content_key(j.spec.describe())))
+    with model_reuse():
+        return _fill(jobs, prof, world, args)
+
+
+def _fill(jobs, prof, world, args) -> int:
     for n, job in enumerate(jobs, 1):
         opts = {**profile_options(prof, job.dataset), "img_size": job.img_size, "crop_pct": job.crop_pct,
                 "progress": not args.quiet}
@@ -198,9 +205,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, help="images per batch (default: 16 on the CPU, as many as fit on a GPU)")
     t.add_argument("--device", default="auto", help="auto (a GPU when torch can use one, else the CPU), cpu, cuda or cuda:N")
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bfloat16 autocast on a GPU with native bf16, else float32; bf16 is used only where "
-                        "it agrees with float32 on the first images, else TF32 where that agrees, else float32 (the "
-                        "trace's own sums stay float32)")
+                   help="auto: a lower precision on a GPU, float32 on the CPU; bf16: a lower precision anywhere. "
+                        "The steps -- bfloat16 autocast where native, float16 autocast on any GPU, TF32 where "
+                        "native -- are used only where they agree with float32 on the first images, else float32 "
+                        "(the trace's own sums stay float32)")
     t.add_argument("--amp", action="store_true", help="the same as --precision bf16")
     t.add_argument("--strict", action="store_true", help="any unreadable image is an error")
     t.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -343,13 +343,13 @@ class ImageStore:
 class Normalized:
     """Slices of a uint8 store as normalised float32 tensors, exactly as ToTensor + Normalize.
 
-    ``Normalized(...).to("cuda")`` moves each slice as uint8 (a quarter of the float bytes) from the store pinned
-    once in page-locked memory, without blocking, and normalises it on the device.
+    ``Normalized(...).to("cuda")`` moves each slice as uint8 (a quarter of the float bytes) through a page-locked
+    buffer, without blocking, and normalises it on the device.
     """
 
     def __init__(self, pixels: np.ndarray, mean, std, device: str | torch.device = "cpu"):
         self.pixels, self.device, self.stats = pixels, torch.device(device), (tuple(mean), tuple(std))
-        self.pinned = None   # the whole store in page-locked memory, made once when a slice first goes to a GPU
+        self.staging: list = [(None, None), (None, None)]   # page-locked buffers a slice goes to a GPU through
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (equivalent on the CPU)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)  # pragma: no mutate (equivalent on the CPU)
 
@@ -361,13 +361,30 @@ class Normalized:
 
     def __getitem__(self, sl: slice) -> torch.Tensor:
         if self.device.type == "cuda":  # pragma: no mutate (GPU only)
-            if self.pinned is None:  # pragma: no mutate (GPU only)
-                self.pinned = torch.from_numpy(np.ascontiguousarray(self.pixels)).pin_memory()  # pragma: no mutate (GPU only)
-            x = self.pinned[sl].to(self.device, non_blocking=True)  # pragma: no mutate (GPU only)
+            x = self._staged(sl)  # pragma: no mutate (GPU only)
         else:
             x = torch.from_numpy(np.ascontiguousarray(self.pixels[sl]))
         x = x.to(self.device).float().div_(255.0)
         return (x - self.mean) / self.std
+
+    def _staged(self, sl: slice) -> torch.Tensor:  # pragma: no mutate (GPU only)
+        """The slice on the GPU, copied without blocking through one of two page-locked buffers used in turn (a
+        buffer is filled again only once the copy out of it has ended): page-locked memory for two batches, not
+        for the whole store."""
+        src = torch.from_numpy(np.ascontiguousarray(self.pixels[sl]))  # pragma: no mutate (GPU only)
+        self.staging.append(self.staging.pop(0))  # pragma: no mutate (GPU only)
+        buf, done = self.staging[-1]  # pragma: no mutate (GPU only)
+        if buf is None or buf.numel() < src.numel():  # pragma: no mutate (GPU only)
+            buf = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)  # pragma: no mutate (GPU only)
+        elif done is not None:  # pragma: no mutate (GPU only)
+            done.synchronize()  # pragma: no mutate (GPU only)
+        host = buf[:src.numel()].view(src.shape)  # pragma: no mutate (GPU only)
+        host.copy_(src)  # pragma: no mutate (GPU only)
+        x = host.to(self.device, non_blocking=True)  # pragma: no mutate (GPU only)
+        done = torch.cuda.Event()  # pragma: no mutate (GPU only)
+        done.record()  # pragma: no mutate (GPU only)
+        self.staging[-1] = (buf, done)  # pragma: no mutate (GPU only)
+        return x  # pragma: no mutate (GPU only)
 
 
 def decode_images(files: list[Path], ids: list[str], geometry: Geometry, workers: int | None = None,

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from . import __version__
 from .cache import disk_needed
 from .env import (cache_dir, cuda_problem, data_root, driver_cuda_version, hub_reachable, native_bf16,
-                  offline_requested, use_bf16)
+                  offline_requested, use_amp)
 from .metrics import cka
 from .models import create
 from .profiles import PROFILES
-from .trace import PRECISION_LABELS, Tracer, auto_batch_size, decide_precision, precision_mode
+from .precision import PRECISION_LABELS, decide_precision, precision_mode
+from .runner import auto_batch_size
+from .trace import Tracer
 
 MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL", "info": "    "}
 
@@ -110,7 +112,7 @@ def gpu_trace(seconds: float = 30.0, device: str = "cuda") -> Check:
     cuda = device.startswith("cuda")
     model = model.to(device)
     xg = x.to(device)
-    mode, checks = decide_precision(model, xg, device=device, amp=use_bf16(device), name="ViT-S/14+reg")
+    mode, checks = decide_precision(model, xg, device=device, amp=use_amp(device), name="ViT-S/14+reg")
     with Tracer(model) as t, precision_mode(device, mode):
         got = t.run(xg[:8])["attn_out_full"].double().cpu().numpy()
         n, start = 0, time.perf_counter()

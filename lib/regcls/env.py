@@ -157,14 +157,15 @@ def check_device(device: str) -> None:
 
 
 def resolve_precision(device: str, precision: str) -> tuple[str, bool]:
-    """``(device, bf16)`` for ``--device`` and ``--precision``: ``auto`` is CUDA when torch can use a GPU (else the
-    CPU, with the reason when the machine has a GPU torch cannot use) and bf16 autocast where that GPU has it
-    natively; ``bf16`` asks for it anywhere (it is still checked against float32 before use)."""
+    """``(device, amp)`` for ``--device`` and ``--precision``: ``auto`` is CUDA when torch can use a GPU (else the
+    CPU, with the reason when the machine has a GPU torch cannot use) and a lower precision on that GPU
+    (:func:`use_amp`); ``bf16`` asks for a lower precision anywhere (each step is still checked against float32
+    before use; on the CPU only bf16 is tried)."""
     if device != "auto":
         check_device(device)
     device = resolve_device(device)
     if precision == "auto":
-        return device, use_bf16(device)
+        return device, use_amp(device)
     return device, precision == "bf16"
 
 
@@ -187,9 +188,10 @@ def checkpoints_dir() -> Path:
     return Path(os.environ.get("REGCLS_CHECKPOINTS", HOME / "checkpoints"))
 
 
-def use_bf16(device: str) -> bool:
-    """The default precision: bfloat16 autocast on a CUDA GPU with native bfloat16, float32 elsewhere (a T4, the
-    CPU). The one place this is decided; an explicit request is still checked against float32 before use."""
+def use_amp(device: str) -> bool:
+    """The default precision: a lower one on any CUDA GPU -- bfloat16 autocast where it is native (A100, H100),
+    float16 autocast elsewhere (a T4), TF32 as the next step -- each checked against float32 before use
+    (:mod:`regcls.precision`); float32 on the CPU. The one place this is decided."""
     import torch
 
-    return torch.device(device).type == "cuda" and native_bf16()
+    return torch.device(device).type == "cuda"

@@ -23,7 +23,8 @@ from .errors import RegclsError
 # image pipeline) and an image store's pixels: their content is part of each cache key, so a fix in any of them
 # is never hidden by a trace computed by the old code.
 LIB_ROOT = Path(__file__).resolve().parent
-TRACE_SOURCES = ("trace.py", "models.py", "planted.py", "data.py")
+TRACE_SOURCES = ("tracefile.py", "trace.py", "precision.py", "runner.py", "models.py", "planted.py", "data.py",
+                 "testtime.py")
 STORE_SOURCES = ("data.py",)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import RegclsError
-from .trace import merge_traces
+from .tracefile import merge_traces
 
 
 class World(NamedTuple):

@@ -95,7 +95,8 @@ def low_mass_heads(trace: dict, keep_cls: bool = False, floor: float = RENORM_FL
 def cka(X: np.ndarray, Y: np.ndarray, debiased: bool = False) -> float:
     """Linear CKA (Kornblith et al. 2019) between representations X (n, d1) and Y (n, d2) of n images.
 
-    Mean-centred; ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``. ``debiased`` uses the unbiased HSIC
+    Mean-centred; ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``, from the (d, d) cross-products or, where there
+    are fewer images than dimensions, from the (n, n) Gram matrices (the same value). ``debiased`` uses the unbiased HSIC
     estimator (Song et al. 2012), which removes the upward bias of CKA when n is not much larger than d.
     """
     X = np.asarray(X, dtype=np.float64)
@@ -105,8 +106,12 @@ def cka(X: np.ndarray, Y: np.ndarray, debiased: bool = False) -> float:
     if not debiased:
         X = X - X.mean(0)
         Y = Y - Y.mean(0)
-        num = np.linalg.norm(Y.T @ X) ** 2
-        den = np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
+        if X.shape[0] < max(X.shape[1], Y.shape[1]):   # n < d: the n x n Gram form, its memory whatever the width
+            K, L = X @ X.T, Y @ Y.T
+            num, den = float(np.sum(K * L)), float(np.sqrt(np.sum(K * K) * np.sum(L * L)))
+        else:   # ||Y^T X||_F^2 = trace(K L), ||X^T X||_F = ||K||_F
+            num = np.linalg.norm(Y.T @ X) ** 2
+            den = np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
         return float(num / den) if den > 0 else float("nan")
     K, L = X @ X.T, Y @ Y.T
     hxy, hxx, hyy = _hsic_unbiased(K, L), _hsic_unbiased(K, K), _hsic_unbiased(L, L)

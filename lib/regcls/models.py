@@ -2,6 +2,7 @@
 and describe its token layout ``[CLS, register_1..R, patch_1..P]``."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 from dataclasses import dataclass
@@ -93,20 +94,29 @@ def resolve_arch(name: str) -> str:
     raise RegclsError(f"unknown model {name!r}{hint}")
 
 
-def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None = None) -> nn.Module:
+def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None = None,
+           empty: bool = False) -> nn.Module:
     """``timm.create_model`` without a classifier head, at ``img_size``, in eval mode.
 
-    Pretrained weights come from the hub; offline, this fails at once with a one-line error.
+    Pretrained weights come from the hub; offline, this fails at once with a one-line error. They are not preceded
+    by a random initialisation: the parameters are made on the meta device and the hub's tensors (after timm's
+    own conversion: key names, position embedding resampled to the grid) become them (:func:`no_throwaway_init`).
+    ``empty``: the parameters stay on the meta device, for :func:`load_checkpoint` to fill.
     """
     import timm
 
     arch = resolve_arch(name)
+    skip = skip_init(arch)
     with torch.device("meta"):  # shape-only build: refuse non-ViTs before any weights exist
-        check_supported(timm.create_model(arch, pretrained=False, **(overrides or {})), name)
+        check_supported(timm.create_model(arch, pretrained=False, **skip, **(overrides or {})), name)
     kwargs = dict(num_classes=0, img_size=img_size, **(overrides or {}))
     try:
         with hub_offline(pretrained and not hub_reachable()):   # the local hub cache if it has the weights, no retries
-            model = timm.create_model(name if pretrained else arch, pretrained=pretrained, **kwargs)
+            with no_throwaway_init(pretrained or empty):
+                model = timm.create_model(name if pretrained else arch, pretrained=pretrained,
+                                          **(skip if pretrained or empty else {}), **kwargs)
+            if pretrained and on_meta(model):   # timm loaded these weights its own way: build it the usual way
+                model = timm.create_model(name, pretrained=True, **kwargs)
     except RegclsError:
         raise
     except Exception as e:  # noqa: BLE001 -- turned into one line for the user
@@ -115,6 +125,58 @@ def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None
         raise RegclsError(f"cannot build {name}: {e}") from None
     check_supported(model, name)
     return model.eval().requires_grad_(False)
+
+
+def skip_init(arch: str) -> dict:
+    """What tells timm to skip a model's weight initialisation, where the model's class can (timm's
+    VisionTransformer: ``weight_init="skip"``): for a model whose weights come from a file, or a shape-only build
+    (its initialisation on the meta device is slow: half a second for ViT-L)."""
+    import timm
+
+    return {"weight_init": "skip"} if timm.models.model_entrypoint(arch).__module__.endswith(".vision_transformer") else {}
+
+
+@contextlib.contextmanager
+def no_throwaway_init(active: bool = True):
+    """Inside, modules keep the parameters they make on the meta device -- no memory, no random initialisation
+    (seconds for ViT-g) that loaded weights would overwrite -- until the first ``load_state_dict``, which then
+    takes the state dict's tensors as the parameters (``assign=True``; floating tensors in the module's own
+    dtype) instead of copying them into new ones: the weights are in memory once. Buffers are made as usual
+    (a rotary embedding's, computed at construction, stay real). Not thread-safe: it swaps two methods of
+    ``nn.Module`` while active."""
+    if not active:
+        yield
+        return
+    register, load = nn.Module.register_parameter, nn.Module.load_state_dict
+    state = {"meta": True}
+
+    def register_on_meta(module, name, param):
+        if state["meta"] and param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    def load_assigning(module, state_dict, strict=True, assign=False):
+        state["meta"] = False
+        return load(module, own_dtypes(module, state_dict), strict=strict, assign=True)
+
+    nn.Module.register_parameter, nn.Module.load_state_dict = register_on_meta, load_assigning
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.load_state_dict = register, load
+
+
+def own_dtypes(model: nn.Module, state_dict: dict) -> dict:
+    """``state_dict`` with each floating tensor in the dtype of the model's own tensor of that name (a checkpoint
+    stored in float16 still loads into a float32 model)."""
+    own = model.state_dict()
+    return {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and own[k].is_floating_point() else v
+            for k, v in state_dict.items()}
+
+
+def on_meta(model: nn.Module) -> list[str]:
+    """The parameters and buffers of ``model`` that hold no data (still on the meta device)."""
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
 
 
 def hub_file(name: str) -> Path | None:
@@ -184,7 +246,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a weights file in timm's or the official DINOv2 format into ``model`` (strict).
+    """Load a weights file in timm's or the official DINOv2 format into ``model`` (strict; the tensors read become
+    the parameters, so ``model`` may be built empty: :func:`create` ``empty=True``).
 
     timm's own filter converts DINOv2 keys (``register_tokens``, ``mask_token``, ``w12``/``w3``) and
     resamples the position embedding to the model's grid. Mismatched keys are named in the error.
@@ -210,7 +273,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
                  f"wrong shapes: {few(wrong)}" if wrong else ""]
         raise RegclsError(f"checkpoint {path} does not fit the architecture; "
                           + "; ".join(p for p in parts if p))
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(own_dtypes(model, sd), strict=True, assign=True)   # the tensors read become the weights
 
 
 def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) -> nn.Module:
@@ -242,8 +305,8 @@ def calibration_images(model: nn.Module, dataset: str, n: int, img_size: int) ->
 
 def _with_weights(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) -> nn.Module:
     overrides = dict(spec.overrides)
-    if checkpoint is not None:
-        model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides)
+    if checkpoint is not None:   # built empty (no random initialisation), the checkpoint's tensors become its weights
+        model = create(spec.arch, pretrained=False, img_size=img_size, overrides=overrides, empty=True)
         load_checkpoint(model, checkpoint)
         return model
     if spec.weights == "hub":
