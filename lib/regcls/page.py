@@ -48,6 +48,18 @@ class Chapter:
         for key, value in values.items():
             glue(key, value)
 
+    def finding(self, text: str, title: str = "Finding", **values):
+        """The chapter's finding, shown by the notebook itself (Markdown output, so that Colab and Jupyter show
+        the same text and numbers as the book) and each value glued for the book's prose. ``text`` is a Python
+        format string over ``values`` (``"{reg_large:.2f}"``); ``title`` becomes its heading (empty: none).
+        Returns the Markdown object (displayed)."""
+        from IPython.display import Markdown, display
+
+        self.glue(**values)
+        md = Markdown((f"## {title}\n\n" if title else "") + text.format(**values))
+        display(md)
+        return md
+
     def claims(self, checks: list[ClaimCheck], part: str = ""):
         """Record this chapter's claim rows for the claims page and show them as a table."""
         stem = self.name.split("_")
