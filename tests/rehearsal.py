@@ -1,4 +1,5 @@
-"""Rehearsal of a real profile (``laptop`` or ``paper``), offline: everything the real run touches but the network.
+"""Rehearsal of a real profile (``laptop``, ``colab`` or ``paper``), offline: everything the real run touches but
+the network.
 
     python tests/rehearsal.py --profile laptop [--limit N] [--workdir DIR] [--clean]
 
@@ -14,7 +15,11 @@
 3. iBOT checkpoints in the official key format (random weights) where the appendix looks for them.
 4. Every trace the chapters read (:func:`regcls.cache.workload`), each in its own process: wall time, time
    tracing, images/s, peak resident memory, and the GPU time projected from FLOPs for the uncapped run.
-5. The book built on that profile with ``REGCLS_REHEARSAL=1`` (every page carries the rehearsal banner, checked).
+5. The book built on that profile with ``REGCLS_REHEARSAL=1`` (every page carries the rehearsal banner, checked);
+   on ``colab`` instead every chapter executed on its own as Colab runs it (nbclient, a fresh kernel each, the
+   banner checked in its outputs), and every claim row of Sections 3 and 4 judged (none "not testable").
+6. Each chapter's record of its run (:func:`regcls.page.record_run`): seconds, peak resident memory, the traces it
+   read, and from those its forward FLOPs on the full profile and its projected time on the profile's GPU.
 
 Results: ``WORKDIR/rehearsal.json`` and ``WORKDIR/rehearsal.md``. Rehearsal code lives with the tests, not in
 the library: nothing here is used by a real run.
@@ -44,8 +49,13 @@ if TYPE_CHECKING:   # torch loads inside the functions that need it (the server 
 
 ROOT = Path(__file__).resolve().parents[1]
 REVISION = hashlib.sha1(b"regcls rehearsal: random weights").hexdigest()  # the commit refs/main names
-MEMORY_LIMIT_GB = 24.0          # this machine and CI's
+MEMORY_LIMIT_GB = {"laptop": 24.0, "paper": 24.0, "colab": 10.0}   # this machine and CI's; a free Colab machine
+# has about 12.7 GB of host memory, so no step of the colab profile may take more than 10 GB
 GPU_TFLOPS, GPU_MFU = 989.0, 0.25  # the projection's assumption: an H100's dense bf16 peak at 25% utilisation
+# a Colab T4: float16 tensor cores (65 TFLOP/s dense) at 30% utilisation; float32 (8.1 TFLOP/s) at 50%, for a model
+# whose float16 check fails
+T4 = {"fp16": 65.0 * 0.30, "fp32": 8.1 * 0.50}
+MAIN_SECTIONS = ("3.", "4.")    # the paper's main claims: every row of them is judged on colab
 COCO_IMAGES = 64                # generated COCO-layout images (caps above this see only these)
 IMAGENET_PER_CLASS = 2          # generated images in each of the 1,000 ImageNetV2 class folders
 
@@ -264,20 +274,21 @@ def trace_one(profile_name: str, index: int, out: Path) -> None:
     with torch.device("meta"):
         gflop = flops_per_image(create(spec.arch, pretrained=False, img_size=img_size,
                                        overrides=dict(spec.overrides))) / 1e9
-    full = _full_images(profile, dataset)
+    full = _full_images(profile, dataset, img_size)
     n = len(tr["image_ids"])
+    t4 = {f"t4_{m}_s_projected": full * gflop / (tf * 1e3) for m, tf in T4.items()}
     out.write_text(json.dumps({
         "model": spec.name, "dataset": dataset, "img_size": img_size, "crop_pct": crop_pct, "images": n,
         "wall_s": wall, "trace_s": timed.get("trace_s"), "img_per_s": n / timed["trace_s"] if "trace_s" in timed else None,
         "peak_rss_gb": _status_mb("VmHWM") / 1024, "gflop_per_img": gflop,
-        "full_images": full, "gpu_s_projected": full * gflop / (GPU_TFLOPS * 1e3 * GPU_MFU)}))
+        "full_images": full, "gpu_s_projected": full * gflop / (GPU_TFLOPS * 1e3 * GPU_MFU), **t4}))
 
 
-def _full_images(profile, dataset: str) -> int:
+def _full_images(profile, dataset: str, img_size: int | None = None) -> int:
     """Images of ``dataset`` the uncapped profile traces."""
     from regcls.data import DATASETS
 
-    limit, classes = profile.sample(dataset, capped=False)
+    limit, classes = profile.sample(dataset, capped=False, img_size=img_size)
     total = DATASETS[dataset].n_images if dataset in DATASETS else 0
     if classes:
         total = min(total, classes * 10)
@@ -309,9 +320,9 @@ def run_traces(profile, work: Path) -> list[dict]:
         print(f"[{i + 1}/{len(jobs)}] {row['model']} {row['dataset']} {_px(row)} px: {row['images']} images, "
               f"{row['wall_s']:.1f} s wall, {row['img_per_s'] or float('nan'):.2f} img/s, "
               f"peak {row['peak_rss_gb']:.1f} GiB", flush=True)
-        if row["peak_rss_gb"] > MEMORY_LIMIT_GB:
+        if row["peak_rss_gb"] > MEMORY_LIMIT_GB[profile.name]:
             raise SystemExit(f"rehearsal: {row['model']} at {row['img_size']} px peaked at "
-                             f"{row['peak_rss_gb']:.1f} GiB, over {MEMORY_LIMIT_GB} GiB")
+                             f"{row['peak_rss_gb']:.1f} GiB, over {MEMORY_LIMIT_GB[profile.name]} GiB")
     return rows
 
 
@@ -326,6 +337,86 @@ def build_book(out: Path) -> Path:
     if r.returncode != 0:
         raise SystemExit(f"rehearsal: the book build failed (exit {r.returncode}); see the log above")
     return out / "_build" / "html"
+
+
+def run_chapters_as_colab(out: Path) -> list[str]:
+    """Every chapter executed on its own, as Colab runs it: a fresh kernel each (nbclient), the executed notebook
+    kept in ``out``; each must carry the rehearsal banner in its outputs. Returns the chapters run."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in sorted((ROOT / "chapters").glob("*.ipynb"), key=lambda p: (p.name == "summary_claims.ipynb", p.name)):
+        t = time.perf_counter()
+        nb = nbformat.read(path, as_version=4)
+        try:
+            NotebookClient(nb, timeout=3600, kernel_name="python3",
+                           resources={"metadata": {"path": str(ROOT / "chapters")}}).execute()
+        except Exception as e:  # noqa: BLE001 -- which chapter, in one line
+            raise SystemExit(f"rehearsal: {path.name} failed as Colab runs it: {str(e).splitlines()[0][:300]}")
+        nbformat.write(nb, out / path.name)
+        text = json.dumps([c.get("outputs", []) for c in nb.cells])
+        if path.name != "summary_claims.ipynb" and "regcls-rehearsal-banner" not in text:
+            raise SystemExit(f"rehearsal: {path.name} ran without the rehearsal banner")
+        print(f"chapter {path.stem}: {time.perf_counter() - t:.0f} s", flush=True)
+        names.append(path.name)
+    return names
+
+
+def check_main_claims_judged(profile_name: str, cache: Path) -> list[dict]:
+    """Every claim row of the paper's Sections 3 and 4 is judged (agrees or not), none "not testable": the profile
+    has what every main claim needs. Returns the rows, each with the widest interval its numbers show."""
+    import re
+
+    rows = [r for f in sorted((cache / "claims" / profile_name).glob("*.json")) for r in json.loads(f.read_text())
+            if r["section"].startswith(MAIN_SECTIONS)]
+    untested = [f"{r['section']} {r['claim']}" for r in rows if r["agrees"] is None]
+    if not rows or untested:
+        raise SystemExit(f"rehearsal: {len(untested)} main claim rows not testable on {profile_name}: "
+                         + "; ".join(untested[:5]) if rows else "rehearsal: no main claim rows were recorded")
+    interval = re.compile(r"\[(-?\d+\.\d+), (-?\d+\.\d+)\]")
+    return [{"section": r["section"], "claim": r["claim"], "agrees": r["agrees"], "images_cap": r["images_cap"],
+             "widest_interval": max((float(b) - float(a) for a, b in interval.findall(r["ours"])), default=None)}
+            for r in rows]
+
+
+def chapter_rows(profile, cache: Path) -> list[dict]:
+    """Each chapter's record (:func:`regcls.page.record_run`) with the forward FLOPs of the traces it read on the
+    full profile and their projected GPU time (an H100, and a Colab T4 in float16 or float32): what one chapter
+    costs when it is the first one run (nothing cached)."""
+    import torch
+
+    from regcls.bench import flops_per_image
+    from regcls.models import create
+
+    rows = []
+    for f in sorted((cache / "chapters" / profile.name).glob("*.json")):
+        rec = json.loads(f.read_text())
+        pflop = 0.0
+        for t in rec["traces"]:
+            if not t.get("arch") or t.get("dataset") not in (profile.dataset, profile.labelled):
+                continue   # the planted controls every profile traces on shipped images: seconds
+            with torch.device("meta"):
+                gflop = flops_per_image(create(t["arch"], pretrained=False, img_size=t["img_size"],
+                                               overrides=t.get("overrides") or {})) / 1e9
+            pflop += _full_images(profile, t["dataset"], t["img_size"]) * gflop / 1e6
+        rows.append({"chapter": rec["chapter"], "traces": len(rec["traces"]), "seconds": rec["seconds"],
+                     "peak_rss_gb": rec["peak_rss_gb"], "pflop": pflop,
+                     "h100_min": pflop * 1e3 / (GPU_TFLOPS * GPU_MFU) / 60,
+                     **{f"t4_{m}_min": pflop * 1e3 / tf / 60 for m, tf in T4.items()}})
+        if (rec["peak_rss_gb"] or 0) > MEMORY_LIMIT_GB[profile.name]:
+            raise SystemExit(f"rehearsal: chapter {rec['chapter']} peaked at {rec['peak_rss_gb']:.1f} GiB, over "
+                             f"{MEMORY_LIMIT_GB[profile.name]} GiB")
+    return rows
+
+
+def chapter_table(rows: list[dict]) -> str:
+    head = ("| chapter | traces read | rehearsal s | peak RSS GiB | PFLOP (full run) | H100 min | T4 min, float16 | "
+            "T4 min, float32 |\n|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['chapter']} | {r['traces']} | {r['seconds']:.0f} | {r['peak_rss_gb'] or float('nan'):.1f} | "
+                          f"{r['pflop']:.2f} | {r['h100_min']:.1f} | {r['t4_fp16_min']:.1f} | {r['t4_fp32_min']:.1f} |\n"
+                          for r in rows)
 
 
 def check_pages(html: Path) -> list[str]:
@@ -356,8 +447,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", nargs="?", default="run", choices=["run", "_trace"])
-    ap.add_argument("--profile", default="laptop", choices=["laptop", "paper"])
-    ap.add_argument("--limit", type=int, default=None, help="REGCLS_LIMIT for the run (default: 16 laptop, 4 paper)")
+    ap.add_argument("--profile", default="laptop", choices=["laptop", "colab", "paper"])
+    ap.add_argument("--limit", type=int, default=None,
+                    help="REGCLS_LIMIT for the run (default: 16 laptop, 8 colab, 4 paper)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: _rehearsal/PROFILE in the repository")
     ap.add_argument("--clean", action="store_true", help="delete the mock hub afterwards (it is large)")
     ap.add_argument("--index", type=int)
@@ -368,7 +460,7 @@ def main(argv=None) -> int:
         return 0
 
     work = (args.workdir or ROOT / "_rehearsal" / args.profile).resolve()
-    limit = args.limit or {"laptop": 16, "paper": 4}[args.profile]
+    limit = args.limit or {"laptop": 16, "colab": 8, "paper": 4}[args.profile]
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(work / "hub"), REGCLS_PROFILE=args.profile,
                       REGCLS_LIMIT=str(limit), REGCLS_REHEARSAL="1", REGCLS_DATA=str(work / "data"),
                       REGCLS_CACHE=str(work / "cache"), REGCLS_CHECKPOINTS=str(work / "checkpoints"))
@@ -389,8 +481,16 @@ def main(argv=None) -> int:
     rows = run_traces(profile, work)
     t_traces = time.perf_counter() - t0 - t_setup
     traced = set((work / "cache" / "traces").glob("*.npz"))
-    html = build_book(work / "book")
-    pages = check_pages(html)
+    shutil.rmtree(work / "cache" / "chapters", ignore_errors=True)   # this run's chapter records only
+    if args.profile == "colab":   # Colab runs one notebook at a time, not the book
+        html = work / "executed"
+        pages = run_chapters_as_colab(html)
+        judged = check_main_claims_judged(args.profile, work / "cache")
+        print(f"rehearsal: every one of the {len(judged)} claim rows of Sections 3 and 4 is judged on {args.profile}")
+    else:
+        html = build_book(work / "book")
+        pages = check_pages(html)
+    chapters = chapter_rows(profile, work / "cache")
     extra = sorted(p.name for p in set((work / "cache" / "traces").glob("*.npz")) - traced
                    if f"-{profile.dataset}-" in p.name or f"-{profile.labelled}-" in p.name)  # not the controls'
     if extra:  # the workload is what the benchmark projects and the rehearsal measures: it must be complete
@@ -399,14 +499,18 @@ def main(argv=None) -> int:
     t_all = time.perf_counter() - t0
     summary = {"profile": args.profile, "limit": limit, "setup_s": t_setup, "traces_s": t_traces,
                "book_s": t_all - t_setup - t_traces, "total_s": t_all, "pages": pages, "traces": rows,
+               "chapters": chapters, "t4_assumption": {k: f"{v:.2f} TFLOP/s" for k, v in T4.items()},
+               "main_claims": judged if args.profile == "colab" else None,
                "gpu_assumption": f"{GPU_TFLOPS:.0f} TFLOP/s bf16 at {GPU_MFU:.0%} MFU (an H100)",
                "cpu": f"{os.cpu_count()} cores", "python": sys.version.split()[0]}
     (work / "rehearsal.json").write_text(json.dumps(summary, indent=1))
-    (work / "rehearsal.md").write_text(table(rows))
+    (work / "rehearsal.md").write_text(table(rows) + "\n" + chapter_table(chapters))
     print(table(rows))
+    print(chapter_table(chapters))
     print(f"rehearsal of {args.profile} (REGCLS_LIMIT={limit}): setup {t_setup:.0f} s, traces {t_traces:.0f} s, "
-          f"book {summary['book_s']:.0f} s, total {t_all:.0f} s; {len(pages)} chapter pages carry the banner; "
-          f"site: {html}")
+          f"{'chapters' if args.profile == 'colab' else 'book'} {summary['book_s']:.0f} s, total {t_all:.0f} s; "
+          f"{len(pages)} chapter pages carry the banner; {'executed notebooks' if args.profile == 'colab' else 'site'}: "
+          f"{html}")
     if args.clean:
         shutil.rmtree(work / "hub", ignore_errors=True)
     return 0

@@ -171,16 +171,24 @@ def test_gpu_peaks_by_name_and_a_clear_error_without_cuda(capsys):
 
 
 def test_profile_and_device_follow_the_hardware(monkeypatch):
+    from types import SimpleNamespace
+
     from regcls import profiles
     from regcls.cache import resolve_device
+    gib = 2**30
     monkeypatch.setattr(profiles, "hub_reachable", lambda timeout=2.0: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80 * gib))
     assert profiles.detect_profile() == "paper"             # an A100/H100-class GPU
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=22.5 * gib))
+    assert profiles.detect_profile() == "colab"             # an L4: bf16, but 22.5 GB
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert profiles.detect_profile() == "laptop"            # a T4: the small models, on that GPU
-    assert profiles.PROFILES["laptop"].device == "auto" and resolve_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=15 * gib))
+    assert profiles.detect_profile() == "colab"             # a T4: every size, fewer images, float16 where it agrees
+    assert profiles.PROFILES["colab"].device == "auto" and resolve_device("auto") == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert profiles.detect_profile() == "laptop"            # no GPU: the small models on the CPU
     assert resolve_device("auto") == "cpu"
     with pytest.warns(UserWarning, match="no CUDA device"):
         assert resolve_device("cuda") == "cpu"

@@ -183,8 +183,10 @@ def fill_shard(spec: ModelSpec, dataset: str, world: World, *, img_size: int, li
 
 
 # The precision of every trace this process has read (model and setting -> its precision label, with the checks
-# that decided it), for the line at the end of each chapter (regcls.page.finish).
+# that decided it), for the line at the end of each chapter (regcls.page.finish), and what each of them is (model,
+# dataset, resolution, images), for the chapter's record of what it read.
 PRECISIONS: dict[str, str] = {}
+READ: dict[str, dict] = {}
 
 
 def _loaded(trace: dict) -> dict:
@@ -197,7 +199,12 @@ def _loaded(trace: dict) -> dict:
     crop = "" if meta.get("geometry", "").split("-")[1:2] in ([], ["1.0"]) else f", {meta['geometry']}"
     ttr = (" with a test-time register" if "test_time_neurons" in meta else "") + (
         " with fixed registers" if "fixed_register_means_sha256" in meta else "")
-    PRECISIONS[f"{meta.get('model', '?')}{ttr} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px{crop}"] = label
+    key = f"{meta.get('model', '?')}{ttr} on {meta.get('dataset', '?')} at {meta.get('img_size', '?')} px{crop}"
+    PRECISIONS[key] = label
+    READ[key] = {"model": meta.get("model"), "arch": meta.get("model_spec", {}).get("arch"),
+                 "overrides": meta.get("model_spec", {}).get("overrides", {}), "dataset": meta.get("dataset"),
+                 "img_size": meta.get("img_size"), "geometry": meta.get("geometry"), "images": meta.get("n_images"),
+                 "precision": meta.get("precision_mode", "fp32")}
     return trace
 
 
@@ -209,14 +216,16 @@ def trace_for(profile: Profile, spec: ModelSpec, dataset: str | None = None, img
     ``crop_pct`` to the model's own preprocessing.
     """
     dataset = dataset or profile.dataset
-    return get_trace(spec, dataset, img_size=img_size or profile.img_size, progress=progress, crop_pct=crop_pct,
-                     **profile_options(profile, dataset))
+    img_size = img_size or profile.img_size
+    return get_trace(spec, dataset, img_size=img_size, progress=progress, crop_pct=crop_pct,
+                     **profile_options(profile, dataset, img_size))
 
 
-def profile_options(profile: Profile, dataset: str) -> dict:
-    """What ``profile`` passes to :func:`get_trace` for ``dataset``: its image cap and classes (``REGCLS_LIMIT``
-    applied), batch size, device and precision."""
-    limit, classes = profile.sample(dataset)
+def profile_options(profile: Profile, dataset: str, img_size: int | None = None) -> dict:
+    """What ``profile`` passes to :func:`get_trace` for ``dataset`` at ``img_size``: its image cap and classes
+    (``REGCLS_LIMIT`` applied; fewer images at the other resolution where the profile says so), batch size, device
+    and precision."""
+    limit, classes = profile.sample(dataset, img_size=img_size)
     return dict(limit=limit, classes=classes, batch_size=profile.batch_size, device=profile.device,
                 amp=profile.device != "cpu")
 
@@ -247,7 +256,7 @@ def disk_needed(profile: Profile, capped: bool = False) -> float:
 
     total, stores = 0.0, set()
     for job in workload(profile):
-        n = profile.sample(job.dataset, capped=capped)[0] or (
+        n = profile.sample(job.dataset, capped=capped, img_size=job.img_size)[0] or (
             DATASETS[job.dataset].n_images if job.dataset in DATASETS else len(dataset_files(job.dataset)))
         with torch.device("meta"):
             model = create(job.spec.arch, pretrained=False, img_size=job.img_size, overrides=dict(job.spec.overrides))

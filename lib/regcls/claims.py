@@ -70,8 +70,10 @@ def all_of(*rules: Rule) -> Rule:
 class ClaimCheck:
     """One claim of the paper, what the paper shows, what this run measured, and whether they agree.
 
-    ``agrees`` is None when the profile lacks what the claim needs (e.g. the giant model on ``laptop``):
-    such a row neither agrees nor disagrees. ``images_cap`` is the ``REGCLS_LIMIT`` the run was made under.
+    ``agrees`` is None when the profile lacks what the claim needs (e.g. the giant model on ``laptop``): such a
+    row neither agrees nor disagrees; and None with ``status`` "not computed" when the row could not be computed
+    on this machine (no iBOT checkpoint, say): not a failed replication either (:func:`verdict`).
+    ``images_cap`` is the ``REGCLS_LIMIT`` the run was made under.
     """
 
     section: str
@@ -83,6 +85,7 @@ class ClaimCheck:
     images_cap: int | None = field(default_factory=image_cap)
     rule: str = ""  # the agreement rule with this run's numbers (Rule.text)
     stamp: str = field(default_factory=lambda: code_stamp())  # which code computed the row (commit, library)
+    status: str = ""   # "not computed" where the row could not be computed here (with the reason in ``ours``)
 
     @property
     def stale(self) -> bool:
@@ -103,6 +106,22 @@ def code_stamp() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return f"commit {commit}, library {library_digest()}"
+
+
+VERDICTS = ("yes", "no", "not testable", "not computed")
+
+
+def verdict(c: ClaimCheck) -> str:
+    """The row's verdict in words: ``yes`` (agrees), ``no`` (does not), ``not testable`` (the profile lacks what the
+    claim needs), ``not computed`` (what it needs could not be computed here)."""
+    if c.agrees is None:
+        return "not computed" if c.status == "not computed" else "not testable"
+    return "yes" if c.agrees else "no"
+
+
+def not_computed(section: str, claim: str, paper: str, why: str, profile: Profile) -> ClaimCheck:
+    """A row whose numbers could not be computed on this machine (``why``: a missing checkpoint, say)."""
+    return ClaimCheck(section, claim, paper, f"not computed: {why}", None, profile.name, status="not computed")
 
 
 def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
@@ -169,10 +188,9 @@ def table(checks: list[ClaimCheck]):
     """A page table: claim, paper, this run, profile, verdict."""
     import pandas as pd
 
-    short = {True: "yes", False: "no", None: "not testable"}
     df = pd.DataFrame([{"section": c.section, "claim": c.claim, "paper": c.paper, "this run": c.ours,
                         "rule (agrees if)": c.rule or "-", "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
-                        "agrees": short[c.agrees] + (" (stale: other code, rerun the chapter)" if c.stale else ""),
+                        "agrees": verdict(c) + (" (stale: other code, rerun the chapter)" if c.stale else ""),
                         "computed by": c.stamp} for c in checks])
     return df.style.hide(axis="index")
 

@@ -9,13 +9,16 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from .bench import flops_per_image
 from .cache import content_key, fill_shard, get_trace, model_reuse, profile_options, workload
 from .data import DATASETS, SHIPPED, dataset_files, download_dataset, folder_images, scan_images
 from .doctor import run as run_doctor
 from .env import data_root, resolve_precision
 from .errors import RegclsError
 from .launch import array_shard, device_for, merge_parts, part_path, torchrun_world, wait_for
-from .models import build, weights_id
+from .models import build, create, weights_id
 from .profiles import ModelSpec, active_profile
 from .runner import shard_range, trace_files
 from .tracefile import merge_traces
@@ -140,8 +143,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     models: dict[str, ModelSpec] = {}
     for j in jobs:
         models.setdefault(j.spec.name, replace(j.spec, testtime=None))   # one download per weights
+    total_gb = 0.0
     for name, m in models.items():
-        src = f"hub: hf-hub:timm/{name}" if m.weights == "hub" else m.weights
+        with torch.device("meta"):
+            gb = 4 * sum(p.numel() for p in create(m.arch, pretrained=False, img_size=prof.img_size,
+                                                   overrides=dict(m.overrides)).parameters()) / 1e9
+        total_gb += gb if m.weights == "hub" else 0
+        src = f"hub: hf-hub:timm/{name} ({gb:.2f} GB)" if m.weights == "hub" else m.weights
         print(f"  model {m.label:11s} {name:45s} {src}")
     for ds, limit in ((prof.dataset, prof.limit), (prof.labelled, prof.labelled_limit)):
         if ds in DATASETS:
@@ -149,10 +157,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"  data  {ds:14s} {s.size / 1e9:.2f} GB from {s.url} ({s.checksum}); images: {limit or 'all'}")
         else:
             print(f"  data  {ds:14s} {SHIPPED[ds]}")
-    print(f"  {len(jobs)} traces:")
+    print(f"  {len(jobs)} traces (images as the full run traces them; forward PFLOP):")
+    pflop = 0.0
     for j in jobs:
         crop = f", crop {j.crop_pct}" if j.crop_pct else ""
-        print(f"  trace {j.spec.label:11s} {j.spec.name:45s} {j.dataset} at {j.img_size} px{crop}")
+        n = prof.sample(j.dataset, capped=False, img_size=j.img_size)[0] or (
+            DATASETS[j.dataset].n_images if j.dataset in DATASETS else len(dataset_files(j.dataset)))
+        with torch.device("meta"):
+            p = n * flops_per_image(create(j.spec.arch, pretrained=False, img_size=j.img_size,
+                                           overrides=dict(j.spec.overrides))) / 1e15
+        pflop += p
+        print(f"  trace {j.spec.label:11s} {j.spec.name:45s} {j.dataset} at {j.img_size} px{crop}, {n} images, "
+              f"{p:.2f} PFLOP")
+    print(f"  in all: {total_gb:.1f} GB of hub weights, {pflop:.1f} PFLOP")
     return 0
 
 
@@ -169,7 +186,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _fill(jobs, prof, world, args) -> int:
     for n, job in enumerate(jobs, 1):
-        opts = {**profile_options(prof, job.dataset), "img_size": job.img_size, "crop_pct": job.crop_pct,
+        opts = {**profile_options(prof, job.dataset, job.img_size), "img_size": job.img_size, "crop_pct": job.crop_pct,
                 "progress": not args.quiet}
         try:
             if world is None or world.size == 1:

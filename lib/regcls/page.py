@@ -13,9 +13,10 @@ import html
 import time
 
 from . import REPOSITORY, plots
-from .cache import PRECISIONS, profile_traces, trace_for
+from .cache import PRECISIONS, READ, profile_traces, trace_for
 from .claims import ClaimCheck, record, table
-from .env import hardware, image_cap
+from .env import cache_dir, hardware, image_cap
+from .files import atomic_write_text
 from .errors import RegclsError
 from .profiles import ModelSpec, Profile, active_profile
 
@@ -67,8 +68,10 @@ class Chapter:
         return table(checks)
 
     def finish(self) -> None:
-        """The last cell: the run time (shown at the top of the page) and the precision of every trace read."""
+        """The last cell: the run time (shown at the top of the page) and the precision of every trace read; and
+        the chapter's record of its run (:func:`record_run`)."""
         print(finish(self.start))
+        record_run(self.name, self.profile, time.time() - self.start)
 
 
 def _box(kind: str, title: str, body: str) -> str:
@@ -94,9 +97,9 @@ def banner(profile: Profile):
                 "sizes read the registers, without registers the largest reads its own skip connection; the DINOv3 "
                 "stand-ins alike; the model given a test-time register has two planted outlier units) on images "
                 "that ship with Python packages. The pattern is planted to check the analysis and is <b>no evidence for or against "
-                "the paper</b>; the paper profile gives the evidence. To get real figures, run the book with "
-                "<code>make book PROFILE=paper</code> on a GPU, or this notebook on Colab with "
-                "<code>REGCLS_PROFILE=laptop</code> or <code>paper</code>.")
+                "the paper</b>; the paper profile gives the evidence. To get real figures, open this notebook on "
+                "Colab with a GPU (the <code>colab</code> profile: every DINOv2 size, about 20 minutes), or run the "
+                "book with <code>make book PROFILE=paper</code> on a large GPU.")
         return HTML(f'<div class="regcls-smoke-banner">{_box("warning", "Smoke profile: planted controls, not real weights", body)}</div>')
     cap = image_cap()
     body = (f"Computed with the <b>{profile.name}</b> profile: {html.escape(profile.note)}; "
@@ -112,12 +115,14 @@ def run_box(profile: Profile, notebook: str):
 
     colab = f"https://colab.research.google.com/github/{REPOSITORY.split('github.com/')[1]}/blob/main/{notebook}"
     cap = image_cap()
-    body = (f'<a href="{colab}">Open in Colab</a>, then <i>Run all</i> (the first cell installs regcls). '
+    body = (f'<a href="{colab}">Open in Colab</a>, choose a GPU (Runtime, Change runtime type, T4), then '
+            f"<i>Run all</i>: the first cell installs regcls, and on Colab's GPU the <code>colab</code> profile is "
+            f"chosen (DINOv2 S/B/L/g on 1,000 COCO images; the reproducing page gives the downloads and the time). "
             f"This page ran on the <b>{profile.name}</b> profile on {html.escape(hardware())}; the time it took "
-            f"is given below. Another profile: set <code>REGCLS_PROFILE</code> before the first cell. Precision: "
-            f"float32 on the CPU; on a GPU with native bfloat16, bfloat16 autocast for each model whose agreement "
-            f"check with float32 passes, else TF32 where its check passes, else float32 (the last line of the page names "
-            f"the precision of every trace it read)."
+            f"is given below. Another profile: <code>%env REGCLS_PROFILE=paper</code> (or <code>laptop</code>, "
+            f"<code>smoke</code>) before the first cell. Precision: float32 on the CPU; on a GPU the first of "
+            f"bfloat16 autocast, float16 autocast and TF32 that the GPU has and whose check against float32 passes, "
+            f"else float32 (the last line of the page names the precision of every trace it read)."
             + (f" Images capped at <b>{cap}</b> per dataset (<code>REGCLS_LIMIT</code>)." if cap else ""))
     return HTML(_box("tip", "Run this chapter", body))
 
@@ -148,6 +153,24 @@ def glue(name: str, value, display: bool = False) -> None:
     except ImportError:
         return
     _glue(name, value, display=display)
+
+
+def record_run(name: str, profile: Profile, seconds: float) -> dict:
+    """What a chapter's run took, in ``REGCLS_CACHE/chapters/PROFILE/NAME.json``: seconds, the hardware, the peak
+    resident memory of its process (Linux), and every trace it read (model, dataset, resolution, images,
+    precision), from which the reproducing page projects a chapter's time on other hardware."""
+    import json
+    from pathlib import Path
+
+    peak = None
+    status = Path("/proc/self/status")
+    if status.is_file():
+        line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
+        peak = int(line.split()[1]) / 2**20 if line else None
+    out = {"chapter": name, "profile": profile.name, "seconds": seconds, "hardware": hardware(), "peak_rss_gb": peak,
+           "images_cap": image_cap(), "traces": list(READ.values())}
+    atomic_write_text(cache_dir() / "chapters" / profile.name / f"{name}.json", json.dumps(out, indent=1))
+    return out
 
 
 def finish(start: float) -> str:

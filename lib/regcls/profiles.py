@@ -131,6 +131,8 @@ class Profile:
     batch_size: int | None     # None: as many as fit the device (regcls.trace.auto_batch_size)
     device: str                # "cpu", "cuda", or "auto" (CUDA when there is a GPU)
     alt_img_size: int = 518    # the other resolution of the open choice "224 vs 518 px"
+    alt_limit: int | None = None   # images of the traces at the other resolution (None: as at img_size); the first
+                                   # of the same images: the sensitivity to resolution costs ~6x per image at 518 px
     alt_crop_pct: float = 0.875  # the other preprocessing: resize to 256, crop 224 (Hugging Face's processor)
     appendix: tuple[tuple[str, tuple[ModelSpec, ...]], ...] = ()  # (family, models small to large)
     dinov3: tuple[ModelSpec, ...] = ()   # "Beyond the paper": DINOv3, small to large
@@ -150,15 +152,19 @@ class Profile:
         """The sizes this profile has (with or without registers), in the paper's order."""
         return [m.size for m in self.models_with(registers)]
 
-    def sample(self, dataset: str, capped: bool = True) -> tuple[int | None, int | None]:
-        """``(images, classes)`` of ``dataset`` on this profile, with the ``REGCLS_LIMIT`` cap applied (unless
-        ``capped`` is False: what the full run traces).
+    def sample(self, dataset: str, capped: bool = True, img_size: int | None = None) -> tuple[int | None, int | None]:
+        """``(images, classes)`` of ``dataset`` on this profile at ``img_size`` (None: the profile's own), with the
+        ``REGCLS_LIMIT`` cap applied (unless ``capped`` is False: what the full run traces).
 
         Labelled sets keep whole classes: under a cap of N images, the first ``N // 2`` classes with two
         images each (at least two classes), so the one-shot test keeps one image to learn from and one to test.
+        At the other resolution the unlabelled set keeps its first ``alt_limit`` images where the profile sets one.
         """
         labelled = dataset == self.labelled
         limit = self.labelled_limit if labelled else self.limit
+        if (not labelled and self.alt_limit and img_size is not None and img_size == self.alt_img_size
+                and img_size != self.img_size):
+            limit = min(limit or self.alt_limit, self.alt_limit)
         classes = self.labelled_classes if labelled else None
         cap = image_cap() if capped else None
         if cap is None:
@@ -306,6 +312,17 @@ PROFILES: dict[str, Profile] = {
         dinov3=(dinov3("S"), dinov3("B")),
         testtime=with_test_time_register(dinov2("B", False), TestTime(calibration="imagenetv2", images=64, top_k=16)),
         note="real DINOv2 small and base on 300 COCO val2017 images (ImageNetV2: 100 classes, 10 images each)"),
+    # A free Colab GPU (a T4: 16 GB, float16 but no bfloat16, 65 TFLOP/s float16 tensor peak, 8 float32; about 12 GB
+    # of host memory): every DINOv2 size, so that the main claims are judged, on enough images to decide them; each
+    # chapter's traces in about 20 minutes (the reproducing page projects them from FLOPs). The appendix and DINOv3
+    # as on the laptop profile; the test-time register on L with the published units, as on paper.
+    "colab": Profile(
+        name="colab", models=_all(dinov2), dataset="coco-val2017", limit=1000, alt_limit=200,
+        labelled="imagenetv2", labelled_limit=1000, labelled_classes=100, img_size=224, batch_size=None,
+        device="auto", appendix=tuple((f, m[:2]) for f, m in PAPER_APPENDIX), dinov3=(dinov3("S"), dinov3("B")),
+        testtime=with_test_time_register(dinov2("L", False), TestTime(neurons=tuple(sorted(DINOV2_L_NEURONS.items())))),
+        note="real DINOv2 S/B/L/g on 1,000 COCO val2017 images (200 at 518 px) and ImageNetV2 (100 classes, 10 images "
+             "each): a free Colab GPU in about 20 minutes a chapter"),
     "paper": Profile(
         name="paper", models=_all(dinov2), dataset="coco-val2017", limit=None,
         labelled="imagenetv2", labelled_limit=None, img_size=224, batch_size=None, device="cuda",
@@ -319,6 +336,7 @@ PROFILES: dict[str, Profile] = {
 PROFILES["smoke-laptop"] = replace(
     PROFILES["smoke"], name="smoke-laptop", models=tuple(m for m in PROFILES["smoke"].models if m.size in ("S", "B")),
     appendix=tuple((f, m[:1]) for f, m in SMOKE_APPENDIX), dinov3=SMOKE_DINOV3[:2], testtime=smoke_testtime("B"),
+    alt_limit=48,   # fewer images at the other resolution, as on colab: the chapters must not pair them with the rest
     note="the smoke profile's S and B models only, shaped like the laptop profile (for tests)")
 
 
@@ -343,12 +361,22 @@ PROFILES["smoke-violated"] = replace(
     note="the smoke models with B planted like g (for tests)")
 
 
+# A GPU with this much memory and native bfloat16 runs the paper profile; a smaller one (or one without bf16) colab.
+PAPER_GPU_GB = 24
+
+
 def detect_profile() -> str:
-    """The largest profile this machine can run: a GPU with native bfloat16 (A100, H100 or newer) and the hub
-    -> paper; the hub -> laptop (on a GPU if there is one, e.g. Colab's T4); else smoke."""
-    if hub_reachable():
-        return "paper" if native_bf16() else "laptop"
-    return "smoke"
+    """The largest profile this machine can run, where the hub is reachable: a GPU with native bfloat16 (A100, H100
+    or newer) and at least :data:`PAPER_GPU_GB` of memory -> paper; any other GPU (Colab's T4, an L4) -> colab;
+    no GPU -> laptop. Offline: smoke."""
+    import torch
+
+    if not hub_reachable():
+        return "smoke"
+    if not torch.cuda.is_available():
+        return "laptop"
+    memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return "paper" if native_bf16() and memory >= PAPER_GPU_GB else "colab"
 
 
 def active_profile(name: str | None = None, verbose: bool = True) -> Profile:
