@@ -42,3 +42,78 @@ def test_figure_names_are_unique_across_the_book():
 def test_the_import_cell_is_shown(path):
     first = next(c for c in cells(path) if "from regcls.page import Chapter" in source(c))
     assert "remove-input" not in first["metadata"].get("tags", []) and "remove-cell" not in first["metadata"].get("tags", [])
+
+
+# The chapters state their results as output of their own code cells (``ch.finding``), so that Colab and Jupyter
+# show the text with its numbers; a {glue:text} role in a Markdown cell shows there as raw markup. The one role
+# left is the run time at the top of each page (the last cell measures it).
+RUN_TIME = "*This page took {glue:text}`run_seconds:.0f` seconds to compute;"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_no_markdown_cell_cites_glued_values(path):
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] != "markdown":
+            continue
+        for line in source(cell).splitlines():
+            if "{glue:" in line:
+                assert line.startswith(RUN_TIME) and line.count("{glue:") == 1, \
+                    f"{path.stem}: a Markdown cell cites a glued value (use ch.finding in the code cell): {line!r}"
+
+
+# The fastest chapter with a Finding (about 15 s on two CPU cores), and the Finding's paragraph as the book cited it
+# before ch.finding: the notebook run outside the book must show this text with every role filled in.
+FINDING_CHAPTER = "beyond_test_time_registers"
+BOOK_FINDING = (
+    "In this run {glue:text}`ttr_model` moves {glue:text}`ttr_units` units into its test-time register. The largest\n"
+    "patch-token norm entering the last block falls from {glue:text}`ttr_outlier_before:.1f` to\n"
+    "{glue:text}`ttr_outlier_after:.1f` times the median token norm (medians over the images). The last-layer [CLS]\n"
+    "gives {glue:text}`ttr_share:.2f` of its attention over registers and patches to the test-time register; the\n"
+    "knockout CKA of its register-only output is {glue:text}`ttr_ckar:.2f` and of its patch-only output\n"
+    "{glue:text}`ttr_ckap:.2f`. The skip term's norm over the patches' contribution goes from\n"
+    "{glue:text}`ttr_skip_before:.2f` to {glue:text}`ttr_skip_after:.2f` (medians): the table above says whether the\n"
+    "[CLS] hands its reading to the new token, back to the patches, or keeps its skip term.")
+
+
+def _as_book_shows(plain: str, spec: str) -> str:
+    """A glued value as a {glue:text} role shows it: its text/plain repr read back, then formatted."""
+    import ast
+    try:
+        value = ast.literal_eval(plain)
+    except (SyntaxError, ValueError):
+        value = plain
+    return str(value) if spec in ("", "s") else format(value, spec)
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_a_chapter_run_outside_the_book_shows_its_finding_with_numbers():
+    """As on Colab: nbclient, the python3 kernel, the chapter's folder as working directory, no Sphinx."""
+    import os
+    import re
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = CHAPTERS[0].parent / f"{FINDING_CHAPTER}.ipynb"
+    env = dict(os.environ, REGCLS_PROFILE="smoke", HF_HUB_OFFLINE="1")
+    assert "REGCLS_CACHE" in env   # tests/conftest.py: the chapter's caches go to the session's temporary folder
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute(env=env)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    shown = [str(v) for o in outputs for v in (list(o.get("data", {}).values()) + [o.get("text", "")])]
+    assert not [s for s in shown if "{glue:" in s], "an output shows raw glue markup"
+
+    glued = {o.metadata["scrapbook"]["name"]: o.data[o.metadata["scrapbook"]["mime_prefix"] + "text/plain"]
+             for o in outputs if "scrapbook" in o.get("metadata", {})}
+    roles = re.findall(r"\{glue:text\}`([^`:]+):?([^`]*)`", BOOK_FINDING)
+    numbers = {key: _as_book_shows(glued[key], spec) for key, spec in roles}
+    expected = re.sub(r"\{glue:text\}`([^`:]+):?[^`]*`", lambda m: numbers[m.group(1)], BOOK_FINDING)
+
+    findings = [o.data["text/markdown"] for o in outputs
+                if "text/markdown" in o.get("data", {}) and o.data["text/markdown"].startswith("## Finding")]
+    assert len(findings) == 1, f"{len(findings)} Finding outputs (one expected): {findings}"
+    missing = [f"{key} = {text}" for key, text in numbers.items() if text not in findings[0]]
+    assert not missing, f"numbers of the Finding not shown: {missing}\n{findings[0]}"
+    assert findings[0] == "## Finding\n\n" + expected

@@ -53,13 +53,11 @@ class Chapter:
         """The chapter's finding, shown by the notebook itself (Markdown output, so that Colab and Jupyter show
         the same text and numbers as the book) and each value glued for the book's prose. ``text`` is a Python
         format string over ``values`` (``"{reg_large:.2f}"``); ``title`` becomes its heading (empty: none).
-        Returns the Markdown object (displayed)."""
+        Returns nothing: as the last line of a cell, a returned object would be shown a second time."""
         from IPython.display import Markdown, display
 
         self.glue(**values)
-        md = Markdown((f"## {title}\n\n" if title else "") + text.format(**values))
-        display(md)
-        return md
+        display(Markdown((f"## {title}\n\n" if title else "") + text.format(**values)))
 
     def claims(self, checks: list[ClaimCheck], part: str = ""):
         """Record this chapter's claim rows for the claims page and show them as a table."""
