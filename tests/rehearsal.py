@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     ap.add_argument("mode", nargs="?", default="run", choices=["run", "_trace"])
     ap.add_argument("--profile", default="laptop", choices=["laptop", "colab", "paper"])
     ap.add_argument("--limit", type=int, default=None,
-                    help="REGCLS_LIMIT for the run (default: 16 laptop, 8 colab, 4 paper)")
+                    help="REGCLS_LIMIT for the run (default: 16 laptop, 4 colab and paper)")
     ap.add_argument("--workdir", type=Path, default=None, help="default: _rehearsal/PROFILE in the repository")
     ap.add_argument("--clean", action="store_true", help="delete the mock hub afterwards (it is large)")
     ap.add_argument("--index", type=int)
@@ -460,7 +460,7 @@ def main(argv=None) -> int:
         return 0
 
     work = (args.workdir or ROOT / "_rehearsal" / args.profile).resolve()
-    limit = args.limit or {"laptop": 16, "colab": 8, "paper": 4}[args.profile]
+    limit = args.limit or {"laptop": 16, "colab": 4, "paper": 4}[args.profile]
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(work / "hub"), REGCLS_PROFILE=args.profile,
                       REGCLS_LIMIT=str(limit), REGCLS_REHEARSAL="1", REGCLS_DATA=str(work / "data"),
                       REGCLS_CACHE=str(work / "cache"), REGCLS_CHECKPOINTS=str(work / "checkpoints"))

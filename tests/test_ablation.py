@@ -34,6 +34,21 @@ def test_each_replacement_replaces_only_its_part():
         A.replaced(p, "reg", "shuffle", rng)
 
 
+def test_the_replacements_take_their_values_from_the_reference_images():
+    """The one-shot test replaces the part of its test images by the mean (permutation, moments) of the images it
+    was given as ``reference``, not of the test images themselves."""
+    p, ref = _parts(n=50, seed=0), _parts(n=400, seed=1, reg_scale=2.0)["reg"] + 3.0   # other images, other moments
+    rest = p["full"] - p["reg"]
+    np.testing.assert_allclose(A.replaced(p, "reg", "mean", np.random.default_rng(0), reference=ref) - rest,
+                               np.broadcast_to(ref.mean(0), rest.shape))
+    assert not np.allclose(ref.mean(0), p["reg"].mean(0), atol=1.0)
+    drawn = A.replaced(p, "reg", "resample", np.random.default_rng(0), reference=ref) - rest
+    rows = {tuple(r) for r in ref.round(12)}
+    assert all(tuple(r) in rows for r in drawn.round(12))              # rows of the reference, not of the part
+    noise = A.replaced(p, "reg", "noise", np.random.default_rng(0), reference=ref) - rest
+    np.testing.assert_allclose(noise.mean(0), ref.mean(0), atol=0.8)
+
+
 def test_cka_cannot_tell_zeroing_from_the_mean_but_resampling_hurts():
     p = _parts(reg_scale=1.0)
     tr = {f"attn_val_{k}": v for k, v in p.items() if k != "full"}

@@ -42,6 +42,7 @@ def test_shares(tr):
 def test_knockout_cka(tr):
     kp, kn = M.knockout(tr(*POS_REG)), M.knockout(tr(*NEG))
     assert M.cka(kp["full"], kp["reg"]) > 0.95
+    assert M.cka(kp["full"], kp["patch"]) < 0.3          # built: 0.18 (a reader with half the query reaches 0.43)
     assert M.cka(kp["full"], kp["patch"]) < M.cka(kp["full"], kp["reg"]) - 0.1
     assert M.cka(kn["full"], kn["patch"]) > 0.95
     assert M.cka(kn["full"], kn["patch"]) > M.cka(kp["full"], kp["patch"]) + 0.1
@@ -50,7 +51,7 @@ def test_knockout_cka(tr):
 
 def test_skip_norms(tr):
     pos, neg = tr(*POS_SKIP), tr(*NEG_NOREG)
-    assert (M.norms(pos["skip"]) > 100 * M.norms(pos["attn_out_patch"])).all()   # built: > 700x
+    assert (M.norms(pos["skip"]) > 5000 * M.norms(pos["attn_out_patch"])).all()   # built: > 11,000x (10x weaker fails)
     assert np.median(M.norms(neg["attn_out_patch"])) > 2 * np.median(M.norms(neg["skip"]))
 
 

@@ -282,3 +282,21 @@ def test_the_progress_note_is_small(tmp_path):
     note = json.loads((tmp_path / "progress.json").read_text())
     assert note["rows"] == 10 and set(note["crc"]) == {"a", "b"} and os.path.getsize(tmp_path / "progress.json") < 400
     w.close()
+
+
+def test_a_chapter_records_what_it_read_and_its_peak_memory(monkeypatch, smoke, tmp_path):
+    """What the reproducing page projects a chapter's time from, and checks its memory against (the colab
+    rehearsal): every trace it read, with model, dataset, resolution and images, and its process's peak memory."""
+    from regcls import cache, page
+
+    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cache, "READ", {})
+    monkeypatch.setattr(page, "READ", cache.READ)
+    spec = smoke.model("S", True)
+    cache.trace_for(smoke, spec, img_size=28, progress=False)
+    rec = page.record_run("sec9_9_example", smoke, 1.5)
+    saved = json.loads((tmp_path / "chapters" / "smoke" / "sec9_9_example.json").read_text())
+    assert saved == json.loads(json.dumps(rec))
+    (t,) = saved["traces"]
+    assert (t["arch"], t["dataset"], t["img_size"], t["images"]) == (spec.arch, smoke.dataset, 28, 125)
+    assert dict(t["overrides"]) == dict(spec.overrides) and 0.05 < saved["peak_rss_gb"] < 24 and saved["seconds"] == 1.5

@@ -153,11 +153,22 @@ def test_plan_lists_downloads():
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "vit_giant_patch14_reg4_dinov2.lvd142m" in r.stdout and "val2017.zip" in r.stdout
-    assert "59 traces:" in r.stdout and r.stdout.count("\n  trace ") == 59      # every trace the chapters read
+    assert "59 traces (" in r.stdout and r.stdout.count("\n  trace ") == 59      # every trace the chapters read
+    assert "5000 images" in r.stdout and "PFLOP" in r.stdout and " GB of hub weights" in r.stdout
     lines = {tuple(line.split()[:3]) for line in r.stdout.splitlines()}
     assert ("trace", "L+ttr", "vit_large_patch14_dinov2.lvd142m") in lines                  # beyond the paper, too
     assert ("model", "H+", "v3") in lines and "vit_huge_plus_patch16_dinov3.lvd1689m" in r.stdout
     assert sum(line.startswith("  trace g+reg fixed ") for line in r.stdout.splitlines()) == 2   # both datasets
+
+
+def test_plan_of_the_colab_profile_lists_every_size_with_and_without_registers():
+    r = subprocess.run([sys.executable, "-m", "regcls", "plan", "--profile", "colab"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = {tuple(line.split()[:2]) for line in r.stdout.splitlines() if line.startswith("  trace ")}
+    assert {("trace", f"{s}{reg}") for s in "SBLg" for reg in ("", "+reg")} <= lines
+    assert "vit_giant_patch14_reg4_dinov2.lvd142m         coco-val2017 at 518 px, 200 images" in r.stdout
+    assert "coco-val2017 at 224 px, 1000 images" in r.stdout
 
 
 def test_cache_returns_same_arrays_without_recomputing(monkeypatch, smoke):

@@ -84,3 +84,18 @@ def test_a_trace_rebuilds_the_spec_it_was_traced_with():
     for profile in PROFILES.values():
         for job in workload(profile):
             assert ModelSpec.from_description(json.loads(json.dumps(job.spec.describe()))) == job.spec, job.spec
+
+
+def test_the_colab_profile_has_every_size_and_fewer_images_at_the_other_resolution(monkeypatch):
+    from regcls.profiles import PROFILES
+
+    colab = PROFILES["colab"]
+    assert colab.sizes(True) == colab.sizes(False) == ["S", "B", "L", "g"]     # every main claim can be judged
+    assert colab.sample(colab.dataset) == (1000, None) == colab.sample(colab.dataset, img_size=224)
+    assert colab.sample(colab.dataset, img_size=colab.alt_img_size) == (200, None)   # 518 px costs ~6x an image
+    assert colab.sample(colab.labelled, img_size=colab.alt_img_size) == (1000, 100)  # labelled sets keep theirs
+    monkeypatch.setenv("REGCLS_LIMIT", "8")
+    assert colab.sample(colab.dataset, img_size=colab.alt_img_size) == (8, None)
+    assert PROFILES["paper"].sample("coco-val2017", img_size=518) == (8, None)
+    monkeypatch.delenv("REGCLS_LIMIT")
+    assert PROFILES["paper"].sample("coco-val2017", img_size=518) == (None, None)   # no alt_limit: all images

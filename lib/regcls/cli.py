@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import sys
 import warnings
 from dataclasses import replace
@@ -145,9 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         models.setdefault(j.spec.name, replace(j.spec, testtime=None))   # one download per weights
     total_gb = 0.0
     for name, m in models.items():
-        with torch.device("meta"):
-            gb = 4 * sum(p.numel() for p in create(m.arch, pretrained=False, img_size=prof.img_size,
-                                                   overrides=dict(m.overrides)).parameters()) / 1e9
+        gb = 4 * _shape_of(m.arch, prof.img_size, m.overrides)[0] / 1e9
         total_gb += gb if m.weights == "hub" else 0
         src = f"hub: hf-hub:timm/{name} ({gb:.2f} GB)" if m.weights == "hub" else m.weights
         print(f"  model {m.label:11s} {name:45s} {src}")
@@ -163,14 +162,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         crop = f", crop {j.crop_pct}" if j.crop_pct else ""
         n = prof.sample(j.dataset, capped=False, img_size=j.img_size)[0] or (
             DATASETS[j.dataset].n_images if j.dataset in DATASETS else len(dataset_files(j.dataset)))
-        with torch.device("meta"):
-            p = n * flops_per_image(create(j.spec.arch, pretrained=False, img_size=j.img_size,
-                                           overrides=dict(j.spec.overrides))) / 1e15
+        p = n * _shape_of(j.spec.arch, j.img_size, j.spec.overrides)[1] / 1e15
         pflop += p
         print(f"  trace {j.spec.label:11s} {j.spec.name:45s} {j.dataset} at {j.img_size} px{crop}, {n} images, "
               f"{p:.2f} PFLOP")
     print(f"  in all: {total_gb:.1f} GB of hub weights, {pflop:.1f} PFLOP")
     return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _shape_of(arch: str, img_size: int, overrides: tuple) -> tuple[int, float]:
+    """Parameters and forward FLOPs per image of a model, from a build on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = create(arch, pretrained=False, img_size=img_size, overrides=dict(overrides))
+    return sum(p.numel() for p in model.parameters()), flops_per_image(model)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:

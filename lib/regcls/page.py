@@ -1,9 +1,10 @@
 """The page around a chapter's figures: the "Run this chapter" box, the banner that says where the numbers come
-from, glued numbers, the claims table and the run time, all through one object::
+from, the finding (shown by the notebook, its numbers glued), the claims table, the run time and the record of
+the run, all through one object::
 
     ch = Chapter("sec3_1_register_attention")   # profile, style, run box, banner, timer
     traces = ch.traces(registers=True)           # also dataset=, img_size=, crop_pct=
-    ch.glue(reg_small=..., reg_large=...)
+    ch.finding("The smallest gives {reg_small:.2f} ...", reg_small=...)   # shown by the notebook, glued for the book
     ch.claims([...])
     ch.finish()
 """
