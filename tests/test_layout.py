@@ -54,3 +54,17 @@ def test_the_check_sees_function_level_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from .cli import main\n    import regcls.bench\n")
     assert imports(f) == {"cli", "bench"}
+
+
+def test_the_repository_says_its_license_and_how_to_cite_it():
+    import tomllib
+
+    import yaml
+
+    root = LIB.parents[1]
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"] == "MIT"
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    cff = yaml.safe_load((root / "CITATION.cff").read_text())
+    assert {"cff-version", "message", "title", "authors", "license"} <= set(cff) and cff["license"] == "MIT"
+    assert cff["preferred-citation"]["year"] == 2025 and "2505.05892" in cff["preferred-citation"]["url"]
+    assert "CITATION.cff" in (root / "book" / "intro.md").read_text()

@@ -19,6 +19,9 @@ CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("*.ipynb"))
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 FIGURE_NAMES = {p.stem: [c["metadata"]["mystnb"]["figure"]["name"] for c in json.loads(p.read_text())["cells"]
                          if "figure" in c["metadata"].get("mystnb", {})] for p in (ROOT / "chapters").glob("*.ipynb")}
+# Chapters whose prose has math ($...$): MathJax must typeset it
+MATH = {p.stem for p in (ROOT / "chapters").glob("*.ipynb")
+        if any("$" in "".join(c["source"]) for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "markdown")}
 FIGURES = {"sec3_1_register_attention": 3, "sec3_2_register_norms": 1, "sec3_3_register_knockout": 2,
            "sec3_4_attention_maps": 2, "sec4_1_skip_connection": 4, "controls": 1, "appendix_other_recipes": 1, "beyond_dinov3": 3,
            "beyond_test_time_registers": 2, "beyond_replacement_controls": 2,
@@ -85,7 +88,11 @@ def test_chapter_page(site, browser, chapter):
     page.on("console", lambda m: errors.append(m) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(e))
     page.goto(f"{site}/chapters/{chapter}.html", wait_until="load")
-    # Offline, resources from other origins (the MathJax CDN) cannot load; errors of the page itself count.
+    if chapter in MATH:   # MathJax ships with the site: the math is typeset offline, no raw TeX is left
+        page.wait_for_selector("mjx-container", timeout=30_000)
+        assert page.locator("mjx-container").count() >= 1
+        assert "\\(" not in page.inner_text("article")
+    # Resources from other origins cannot load offline; errors of the page itself count.
     own = [str(getattr(e, "text", e)) for e in errors
            if not (getattr(e, "location", None) and not e.location.get("url", "").startswith(site))]
     own = [e for e in own if not e.startswith(THEME_NOISE)]
