@@ -223,8 +223,8 @@ def maps_checks(section: str, trace: dict, profile: Profile, *, label: str | Non
               "differently", paper,
               lambda: f"{label}: mean Spearman(attention, contribution norm) {measured()[0]:.2f}",
               lambda: below("mean Spearman", measured()[0], agree), profile, needs=needs),
-        check(section, f"Maps: at the largest size the top {top}% of the patches by contribution rebuild the patch part "
-              "of the output better than the top patches by attention (paired over the images)",
+        check(section, f"Maps: at the largest size the top {top}% of the patches by contribution rebuild the patch "
+              "part of the output better than the top patches by attention (paired over the images)",
               paper + "; judged on the patch part, since Sec. 3.4 finds g's full output far from its patches",
               contrast_text,
               lambda: interval_above("paired CKA difference, contribution - attention", measured()[2], 0.0, ".3f"),
