@@ -78,3 +78,36 @@ def test_the_knockout_rules_on_both_sides():
     assert [r.agrees for r in good] == [True, True, True]
     bad = C.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.7, "L": 0.6, "g": 0.9}, False), smoke, n_boot=50)
     assert [r.agrees for r in bad] == [False, False, False]     # B too low; no collapse; g reads its patches
+
+
+def _maps_trace(unequal: bool, n=120, Np=40, D=8, seed=0) -> dict:
+    """The arrays the maps claims read, built from per-patch contributions: values of one norm (the contribution
+    follows the attention) or of norms spread 30-fold independently of it; the top 10% of each map rebuilt."""
+    rng = np.random.default_rng(seed)
+    attn = rng.dirichlet(np.full(Np, 20.0), size=n)                      # (n, Np) attention, mildly varying
+    v = rng.standard_normal((n, Np, D))
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    if unequal:
+        v *= rng.uniform(0.1, 3.0, size=(n, Np, 1))
+    z = attn[:, :, None] * v
+    norm = np.linalg.norm(z, axis=-1)
+    k = int(np.ceil(0.1 * Np))
+    top = {m: np.argsort(-x, axis=1)[:, :k] for m, x in (("attn", attn), ("norm", norm))}
+    cls = np.zeros((n, 1, 1 + Np))
+    cls[:, 0, 1:] = attn
+    return {"meta": {"num_prefix_tokens": 1}, "cls_attn": cls, "contrib_norm_ls": norm, "contrib_proj": norm,
+            "attn_out_patch": z.sum(axis=1), "attn_out_full": z.sum(axis=1) + rng.standard_normal((n, D)),
+            "attn_out_bias": rng.standard_normal(D),
+            **{f"rebuilt_{m}_10": np.take_along_axis(z, t[:, :, None], axis=1).sum(axis=1) for m, t in top.items()}}
+
+
+def test_the_maps_rules_on_both_sides():
+    smoke = PROFILES["smoke"]
+    assert [r.agrees for r in C.maps_checks("Beyond", _maps_trace(True), smoke, n_boot=100)] == [True, True]
+    same = C.maps_checks("Beyond", _maps_trace(False), smoke, n_boot=100)
+    assert [r.agrees for r in same] == [False, False]          # one ranking: the same top patches, no difference
+    swapped = _maps_trace(True)                                # the attended patches rebuilding it better instead
+    swapped["rebuilt_attn_10"], swapped["rebuilt_norm_10"] = swapped["rebuilt_norm_10"], swapped["rebuilt_attn_10"]
+    rows = C.maps_checks("Beyond", swapped, smoke, n_boot=100)
+    assert [r.agrees for r in rows] == [True, False] and "paired CKA difference" in rows[1].rule
+    assert [r.agrees for r in C.maps_checks("Beyond", _maps_trace(True), PROFILES["smoke-laptop"])] == [None, None]

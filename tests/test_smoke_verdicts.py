@@ -49,9 +49,9 @@ EXPECTED = {
                                                            "integrates at the last block"),
     ("App.", "CLIP mirrors DINOv2 layer-wise"): (False, "the CLIP stand-ins are random-initialised"),
     ("App.", "iBOT mirrors DINOv2 layer-wise"): True,
-    ("Beyond", "DINOv3: larger models attend more to their registers"): True,
-    ("Beyond", "DINOv3: at the largest size the register-only output"): True,
-    ("Beyond", "DINOv3: at the largest size the patch-based output is far"): True,
+    ("Beyond", "DINOv3: larger distilled students attend more to their registers"): True,
+    ("Beyond", "DINOv3: in the largest distilled student the register-only output"): True,
+    ("Beyond", "DINOv3: in the largest distilled student the patch-based output is far"): True,
     ("Beyond", "Test-time register: it takes over the high norm"): True,
     ("Beyond", "Test-time register: no patch stays a high-norm outlier"): True,
     ("Beyond", "Replacement: at the largest size the registers carry image information"): True,
@@ -63,7 +63,10 @@ EXPECTED = {
     ("Beyond", "Maps: at the largest size the attention map and the contribution-norm map rank"): (
         False, "no value norms are planted in the register reader: its patch values reach the output alike, so "
                "contributions follow the attention"),
-    ("Beyond", "Maps: at the largest size the top 10% of the patches by contribution rebuild"): True,
+    ("Beyond", "Maps: at the largest size the top 10% of the patches by contribution rebuild"): (
+        False, "no value norms are planted in the register reader: its contributions follow the attention (Spearman "
+               "0.99), so the two top-10% sets nearly coincide and rebuild the patch part alike (paired CKA "
+               "difference -0.001 [-0.003, 0.003])"),
 }
 
 

@@ -184,6 +184,54 @@ def knockout_checks(section: str, ko: dict[str, dict], profile: Profile, *, cka:
     ]
 
 
+# ---- Beyond the paper: which map explains the [CLS] (chapters/beyond_explaining_maps.ipynb) -------------------
+# Ours, no paper value (the paper has no contribution maps): two maps "rank the patches differently" when the mean
+# Spearman correlation of their ranks is below 0.5 (they then share less than a quarter of their rank variance).
+MAPS_AGREE = 0.5
+MAPS_TOP = 10      # the share of the patches (%) whose rebuilt outputs the contrast compares
+
+
+def maps_checks(section: str, trace: dict, profile: Profile, *, label: str | None = None, top: int = MAPS_TOP,
+                agree: float = MAPS_AGREE, n_boot: int = 300, needs: tuple[str, ...] = ("g",)) -> list[ClaimCheck]:
+    """The two claims of the maps chapter on the trace of the largest model (``needs`` the sizes it stands for):
+    the attention and contribution-norm maps rank the patches differently (mean Spearman below ``agree``); the top
+    ``top`` % of the patches by contribution norm rebuild the *patch part* of the output better than the top
+    patches by attention: the paired CKA difference (both rebuilt parts on the same resampled images,
+    :func:`regcls.maps.rebuilt_contrast`) lies above 0. The patch part, not the full output: in a model whose
+    [CLS] reads its registers the full output hardly depends on the patches (Sec. 3.4), and a comparison with it
+    is decided by noise. No paper value: "better" is a direction, its line no difference."""
+    from . import maps
+
+    label = label or getattr(trace, "label", "the model")
+
+    @functools.cache   # shown in the row and judged by its rule: computed once
+    def measured():
+        rho = maps.rank_agreement(trace)["attn ~ norm"]
+        close = {r["map"]: r for r in maps.rebuilt_closeness(trace, maps=("attn", "norm"), percents=(top,))}
+        return rho, close, maps.rebuilt_contrast(trace, top, "norm", "attn", n_boot=n_boot)
+
+    def contrast_text():
+        _, close, d = measured()
+        return (f"{label}: CKA with the patch part {close['norm']['CKA patch part']:.3f} (top {top}% by contribution "
+                f"norm) vs {close['attn']['CKA patch part']:.3f} (by attention); paired difference {d.value:.3f} "
+                f"[{d.low:.3f}, {d.high:.3f}]; median cosine with the patch part {close['norm']['cos patch part']:.3f}"
+                f" vs {close['attn']['cos patch part']:.3f}")
+
+    paper = "beyond the paper (no paper value)"
+    return [
+        check(section, "Maps: at the largest size the attention map and the contribution-norm map rank the patches "
+              "differently", paper,
+              lambda: f"{label}: mean Spearman(attention, contribution norm) {measured()[0]:.2f}",
+              lambda: below("mean Spearman", measured()[0], agree), profile, needs=needs),
+        check(section, f"Maps: at the largest size the top {top}% of the patches by contribution rebuild the patch "
+              "part of the output better than the top patches by attention (paired over the images)",
+              paper + "; judged on the patch part, since Sec. 3.4 finds g's full output far from its patches",
+              contrast_text,
+              lambda: interval_above("paired CKA difference, contribution - attention", measured()[2], 0.0, ".3f"),
+              profile, needs=needs),
+    ]
+
+
 def table(checks: list[ClaimCheck]):
     """A page table: claim, paper, this run, profile, verdict."""
     import pandas as pd
