@@ -111,3 +111,94 @@ def test_the_maps_rules_on_both_sides():
     rows = C.maps_checks("Beyond", swapped, smoke, n_boot=100)
     assert [r.agrees for r in rows] == [True, False] and "paired CKA difference" in rows[1].rule
     assert [r.agrees for r in C.maps_checks("Beyond", _maps_trace(True), PROFILES["smoke-laptop"])] == [None, None]
+
+# --- Sec. 3.2, register norms: each row's rule on both sides, on synthetic numbers --------------------------------
+
+def _norms(n=40, reg=30.0, other_regs=2.0, patch_max=2.0, top=3, seed=0):
+    """Token norms (n, 1 + 4 registers + 20 patches): patches in [1, patch_max], the [CLS] 1.5, registers
+    ``other_regs`` and token ``top`` at ``reg``."""
+    rng = np.random.default_rng(seed)
+    norms_ = np.concatenate([np.full((n, 1), 1.5), np.full((n, 4), other_regs), rng.uniform(1, patch_max, (n, 20))], 1)
+    norms_[:, top] = reg
+    return norms_
+
+
+def _hn(norms_):
+    from regcls.metrics import highest_norm_token
+    return highest_norm_token({"token_norms_penult": norms_}, num_registers=4)
+
+
+def test_the_highest_norm_row_reads_an_order_of_magnitude_as_a_lower_bound():
+    smoke = PROFILES["smoke"]
+    row = C.highest_norm_check("3.2", _hn(_norms(reg=70.0)), smoke)          # 35x the largest patch: an order
+    assert row.agrees is True and "register 3" in row.ours                   # of magnitude, and more
+    assert C.highest_norm_check("3.2", _hn(_norms(reg=10.0)), smoke).agrees is False   # 5x the largest patch
+    assert C.highest_norm_check("3.2", _hn(_norms(reg=70.0, top=9)), smoke).agrees is False   # a patch is highest
+    flip = _norms(reg=70.0)
+    flip[::3, 2] = 80.0                                                      # another register is highest on a third
+    assert C.highest_norm_check("3.2", _hn(flip), smoke).agrees is False
+    shared = _norms(reg=70.0, other_regs=60.0)                               # registers share the norm: the row judges
+    row = C.highest_norm_check("3.2", _hn(shared), smoke)                    # them against the non-register tokens
+    assert row.agrees is True and "over the next token: median 1.2x" in row.ours
+    assert "another register on 100%" in row.ours                            # and says that they share it
+
+
+def _outlier_token(n=60, outlier=100.0, content=1.0, offset=0.0, seed=1):
+    """(n, 50): 3 outlier dimensions at ``outlier`` plus image content (normal, scale ``content``) around ``offset``."""
+    rng = np.random.default_rng(seed)
+    X = offset + content * rng.standard_normal((n, 50))
+    X[:, :3] += outlier
+    return X
+
+
+def test_the_outlier_dimension_row_needs_the_token_below_the_cls_reference_without_them():
+    smoke = PROFILES["smoke"]
+    cls = 0.5 + np.random.default_rng(2).standard_normal((60, 50))           # [CLS] cosine 0.18
+    row = C.outlier_dims_check("3.2", _outlier_token(), cls, smoke, n_boot=100)
+    assert row.agrees is True and "the [CLS] token 0.18" in row.ours
+    still_constant = _outlier_token(offset=5.0, content=0.3)                 # cosine 0.996 without the outliers
+    row = C.outlier_dims_check("3.2", still_constant, cls, smoke, n_boot=100)
+    assert row.agrees is False and "0.99" in row.ours
+    assert C.outlier_dims_check("3.2", _outlier_token(outlier=2.0), cls, smoke, n_boot=100).agrees is False  # no
+    with pytest.raises(ValueError):                                          # outliers dominate; other images
+        C.outlier_dims_check("3.2", _outlier_token(), cls[:10], smoke)
+
+
+def test_the_keys_and_values_row_needs_the_layernormed_outliers_in_the_minority():
+    smoke = PROFILES["smoke"]
+    X = _outlier_token()
+    scaled = X.copy()
+    scaled[:, :3] *= 0.001                                                   # the LayerNorm's weight scales them down
+    assert C.layernormed_outliers_check("3.2", X, scaled, smoke).agrees is True
+    assert C.layernormed_outliers_check("3.2", X, X / 10, smoke).agrees is False   # they still dominate
+
+
+def _norm_trace(n_outliers_per_image, registers, n=50, seed=3):
+    """A trace of token norms (n, 1 + registers + 30 patches) with outlier patches (10x) on some images."""
+    rng = np.random.default_rng(seed)
+    P = 1 + registers
+    norms_ = rng.uniform(40, 60, (n, P + 30))
+    for i, k in enumerate(n_outliers_per_image):
+        norms_[i, P:P + k] = 500.0
+    return {"token_norms_penult": norms_, "image_ids": np.array([f"{i}.jpg" for i in range(n)]),
+            "meta": {"num_prefix_tokens": P, "num_registers": registers, "model": f"reg{registers}"}}
+
+
+def test_the_takeover_row_needs_outliers_without_registers_and_none_with_them_on_the_same_images():
+    smoke = PROFILES["smoke"]
+    plain = _norm_trace([2] * 45 + [0] * 5, 0)                               # 90% of the images carry outliers
+    clean = _norm_trace([0] * 50, 4)
+    row = C.high_norm_takeover_check("3.2", clean, plain, smoke, factor=3.0, n_boot=200)
+    assert row.agrees is True and "90% without registers, 0% with" in row.ours
+    some_left = _norm_trace([1] * 5 + [0] * 45, 4)                           # 10% of the images keep one
+    assert C.high_norm_takeover_check("3.2", some_left, plain, smoke, factor=3.0, n_boot=200).agrees is False
+    no_outliers = _norm_trace([0] * 50, 0)                                   # nothing to take over
+    assert C.high_norm_takeover_check("3.2", clean, no_outliers, smoke, factor=3.0, n_boot=200).agrees is False
+    few = _norm_trace([1] * 20 + [0] * 30, 0)                                # 40%: not most images
+    assert C.high_norm_takeover_check("3.2", clean, few, smoke, factor=3.0, n_boot=200).agrees is False
+    other = dict(clean, image_ids=np.array([f"x{i}.jpg" for i in range(50)]))
+    from regcls.errors import RegclsError
+    with pytest.raises(RegclsError):                                         # a paired contrast needs the same images
+        C.high_norm_takeover_check("3.2", other, plain, smoke, factor=3.0).agrees
+    row = C.high_norm_takeover_check("3.2", None, None, PROFILES["smoke-laptop"], factor=3.0)
+    assert row.agrees is None and "needs g" in row.ours

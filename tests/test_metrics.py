@@ -394,6 +394,27 @@ def test_highest_norm_token_and_its_ratio_to_the_second():
     np.testing.assert_allclose(h.ratio, [2.0, 3.0, 3.0])
 
 
+
+def test_highest_norm_token_against_the_non_register_tokens_and_the_runner_up():
+    from regcls.metrics import highest_norm_token
+    norms_ = np.array([[1.0, 8.0, 7.0, 0.5, 0.4],     # [CLS], 2 registers, 2 patches: register 1 first, register 2
+                       [2.0, 9.0, 1.0, 0.3, 3.0]])    # next; then patch 1 next
+    h = highest_norm_token({"token_norms_penult": norms_, "meta": {"num_registers": 2}})
+    assert h.mode == 1 and h.num_registers == 2 and h.runner_up.tolist() == [2, 4]
+    np.testing.assert_allclose(h.to_nonreg, [8.0, 3.0])          # over max([CLS], patches): the register 2 left out
+    np.testing.assert_allclose(h.ratio, [8 / 7, 3.0])
+    bare = highest_norm_token({"token_norms_penult": norms_})      # no metadata: no registers, every token counts
+    np.testing.assert_allclose(bare.to_nonreg, [8 / 7, 3.0])
+
+
+def test_high_norm_patches_count_patches_above_a_multiple_of_the_median_token_norm():
+    from regcls.metrics import high_norm_patches
+    norms_ = np.array([[50.0, 90.0, 1.0, 1.0, 1.0, 1.0, 1.0, 4.0],     # median 1: one patch above 3 (the prefix
+                       [1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])    # tokens above it are not patches)
+    t = {"token_norms_penult": norms_, "meta": {"num_prefix_tokens": 2}}
+    assert high_norm_patches(t, 3.0).tolist() == [1, 0]
+    assert high_norm_patches(t, 5.0).tolist() == [0, 0]
+
 def test_same_images_returns_the_shared_ids_or_names_the_trace_that_differs():
     from regcls.errors import RegclsError
     from regcls.metrics import same_images

@@ -6,7 +6,7 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 
-from . import metrics
+from . import maps, metrics
 from .env import cache_dir, image_cap
 from .files import LIB_ROOT, atomic_write_text, library_digest
 from .profiles import Profile
@@ -200,7 +200,6 @@ def maps_checks(section: str, trace: dict, profile: Profile, *, label: str | Non
     :func:`regcls.maps.rebuilt_contrast`) lies above 0. The patch part, not the full output: in a model whose
     [CLS] reads its registers the full output hardly depends on the patches (Sec. 3.4), and a comparison with it
     is decided by noise. No paper value: "better" is a direction, its line no difference."""
-    from . import maps
 
     label = label or getattr(trace, "label", "the model")
 
@@ -230,6 +229,135 @@ def maps_checks(section: str, trace: dict, profile: Profile, *, label: str | Non
               lambda: interval_above("paired CKA difference, contribution - attention", measured()[2], 0.0, ".3f"),
               profile, needs=needs),
     ]
+
+# --- Sec. 3.2, register norms (chapter sec3_2_register_norms): the rows' constructions, unit-tested on both sides ---
+ORDER_OF_MAGNITUDE = 10.0    # Sec. 3.2: the same token is the highest "for any input image by an order of magnitude"
+EVERY_IMAGE = 0.95           # Sec. 3.2's "for any input image", read as at least 19 images in 20
+DOMINATES = 0.5              # Fig. 2b, "the vector is dominated by extreme outliers": they hold most of its squared norm
+NO_HIGH_NORM_PATCH = 0.05    # Darcet et al. (2024): with registers the outliers "disappear from the sequence entirely";
+                             # read as on fewer than one image in 20
+HIGH_NORM_PATCH_GAIN = 0.5   # ... and without registers they are ~2% of ViT-g's tokens (2.37% above norm 150, about
+                             # 5 of 256 patches at 224 px): registers must clear them from more than half the images
+
+
+def token_name(token: int, num_registers: int) -> str:
+    """``[CLS]``, ``register r`` (1-based) or ``patch p`` (0-based, raster order) for a token index."""
+    if token == 0:
+        return "[CLS]"
+    return f"register {token}" if token <= num_registers else f"patch {token - num_registers - 1}"
+
+
+def highest_norm_check(section: str, hn: metrics.HighestNorm, profile: Profile,
+                       needs: tuple[str, ...] = ("g",)) -> ClaimCheck:
+    """Sec. 3.2: the same register has the highest norm entering the last block on every image, an order of
+    magnitude above every non-register token (:attr:`HighestNorm.to_nonreg`, per image). The ratio to the next token
+    is shown, not judged: where the next is another register the registers share the high norm (the chapter says
+    so), which the paper's sentence neither claims nor excludes."""
+    import numpy as np
+
+    R = hn.num_registers
+    mine = hn.token == hn.mode
+    oom = float(np.mean(hn.to_nonreg >= ORDER_OF_MAGNITUDE))
+    next_reg = float(np.mean((hn.runner_up[mine] >= 1) & (hn.runner_up[mine] <= R))) if mine.any() else float("nan")
+    return check(section, "The same register has the highest norm for every image, by about an order of magnitude",
+                 "one register, 'for any input image by an order of magnitude' (Sec. 3.2): judged as >= 10x "
+                 "every [CLS] and patch token; the ratio to the next token is shown",
+                 lambda: f"{token_name(hn.mode, R)}: highest for {hn.mode_fraction:.0%} of images; its norm over the "
+                 f"largest non-register token: median {np.median(hn.to_nonreg):.1f}x, >= {ORDER_OF_MAGNITUDE:g}x on "
+                 f"{oom:.0%} of images; over the next token: median {np.median(hn.ratio[mine]) if mine.any() else float('nan'):.1f}x, "
+                 f"the next being another register on {next_reg:.0%} of the images where it is highest",
+                 lambda: all_of(Rule(f"the highest-norm token is a register (token {hn.mode})", 1 <= hn.mode <= R),
+                                above("images where it is highest", hn.mode_fraction, EVERY_IMAGE),
+                                above(f"images where it is >= {ORDER_OF_MAGNITUDE:g}x every non-register token", oom,
+                                      EVERY_IMAGE)),
+                 profile, needs=needs)
+
+
+def outlier_dims_check(section: str, X, cls, profile: Profile, n_outlier: int = 5, n_boot: int = 200,
+                       needs: tuple[str, ...] = ("g",)) -> ClaimCheck:
+    """Sec. 3.2, Fig. 2b: a few outlier dimensions dominate the token ``X`` (n, D) and its cosine across images. They
+    hold most of its squared norm (median over images > :data:`DOMINATES`), and without them the token is less
+    alike across images than the [CLS] token ``cls`` (n, D) on the same images -- the token that carries the image's
+    global embedding, so the reference a reader can see (paired bootstrap of the difference of the two mean
+    pairwise cosines, above 0)."""
+    import numpy as np
+
+    X, cls = np.asarray(X, dtype=np.float64), np.asarray(cls, dtype=np.float64)
+    if len(X) != len(cls):
+        raise ValueError("the token and the [CLS] need the same images")
+    dims, _ = metrics.top_dims_mean(X, k=n_outlier)
+    keep = np.setdiff1d(np.arange(X.shape[1]), dims)
+    share = float(np.median((X[:, dims] ** 2).sum(1) / (X ** 2).sum(1)))
+    raw, c_cls = metrics.mean_pairwise_cosine(X), metrics.mean_pairwise_cosine(cls)
+    out = metrics.bootstrap_ci(metrics.mean_pairwise_cosine, X[:, keep], n_boot=n_boot)
+    diff = metrics.bootstrap_ci(lambda a, c: metrics.mean_pairwise_cosine(c) - metrics.mean_pairwise_cosine(a),
+                                X[:, keep], cls, n_boot=n_boot)
+    return check(section, "A few outlier dimensions dominate the vector and its cosine",
+                 "qualitative (Fig. 2b): the outliers dominate the vector and its cosine; without them the token "
+                 "is no longer image-independent (below the [CLS] token's cosine on the same images)",
+                 f"top {len(dims)} of {X.shape[1]} dims: median share of the squared norm {share:.2f}; pairwise cosine "
+                 f"{raw:.4f} with them, {out.value:.4f} [{out.low:.4f}, {out.high:.4f}] without; the [CLS] token "
+                 f"{c_cls:.4f}; paired difference [CLS] - token without them {diff.value:.4f} "
+                 f"[{diff.low:.4f}, {diff.high:.4f}]",
+                 all_of(above(f"share of the squared norm in the top {len(dims)} dims", share, DOMINATES),
+                        interval_above("paired [CLS] cosine - cosine without the top dims", diff, 0.0, ".4f")),
+                 profile, needs=needs)
+
+
+def layernormed_outliers_check(section: str, X, X_ln, profile: Profile, n_outlier: int = 5,
+                               needs: tuple[str, ...] = ("g",)) -> ClaimCheck:
+    """Sec. 3.2: keys and values are linear maps of the LayerNorm-ed token, "allowing the model to ignore these
+    dimensions". The maps' weights are not in the trace; their input is (``X_ln``, (n, D), the token ``X`` after the
+    last block's norm1): there the outlier dimensions (the top ``n_outlier`` of the raw token) must no longer hold
+    most of the squared norm (median over images below :data:`DOMINATES`, the line of the row above)."""
+    import numpy as np
+
+    X, X_ln = np.asarray(X, dtype=np.float64), np.asarray(X_ln, dtype=np.float64)
+    dims, _ = metrics.top_dims_mean(X, k=n_outlier)
+    raw = float(np.median((X[:, dims] ** 2).sum(1) / (X ** 2).sum(1)))
+    ln = float(np.median((X_ln[:, dims] ** 2).sum(1) / (X_ln ** 2).sum(1)))
+    return check(section, "What keys and values read: after the LayerNorm the outlier dimensions no longer dominate",
+                 "keys and values are linear maps of the LayerNorm-ed token, 'allowing the model to ignore these "
+                 "dimensions' (Sec. 3.2); the maps' weights are not traced, their input is",
+                 f"top {len(dims)} dims' median share of the squared norm: {raw:.3f} raw, {ln:.3f} after the LayerNorm",
+                 below(f"median share of the top {len(dims)} dims after the LayerNorm", ln, DOMINATES, ".3f"),
+                 profile, needs=needs)
+
+
+def high_norm_takeover_check(section: str, with_registers, without, profile: Profile, factor: float,
+                             n_boot: int = 1000, missing: list[str] | None = None) -> ClaimCheck:
+    """Sec. 3.2: registers "take over the role of high-norm patch tokens". On the same images, a patch is high-norm
+    where it enters the last block above ``factor`` times the median token norm (:func:`metrics.high_norm_patches`):
+    with registers on fewer than :data:`NO_HIGH_NORM_PATCH` of the images, and the paired per-image difference
+    (without - with registers) of having one above :data:`HIGH_NORM_PATCH_GAIN` (bootstrap interval).
+    ``missing`` as in :func:`check` (the giant model with or without registers)."""
+    import numpy as np
+
+    @functools.cache
+    def numbers():
+        metrics.same_images([with_registers, without])
+        a, b = metrics.high_norm_patches(without, factor), metrics.high_norm_patches(with_registers, factor)
+        diff = metrics.bootstrap_ci(np.mean, (a > 0).astype(float) - (b > 0).astype(float), n_boot=n_boot)
+        return a, b, diff
+
+    def ours():
+        a, b, d = numbers()
+        return (f"images with a patch above {factor:g}x the median token norm entering the last block: "
+                f"{np.mean(a > 0):.0%} without registers, {np.mean(b > 0):.0%} with; paired difference {d.value:.2f} "
+                f"[{d.low:.2f}, {d.high:.2f}]; high-norm patches per image (mean) {a.mean():.1f} without, "
+                f"{b.mean():.1f} with")
+
+    def agrees():
+        a, b, d = numbers()
+        return all_of(below("images with a high-norm patch, with registers", float(np.mean(b > 0)), NO_HIGH_NORM_PATCH),
+                      interval_above("paired difference of images with one, without - with registers", d,
+                                     HIGH_NORM_PATCH_GAIN))
+
+    return check(section, "Registers take over the role of high-norm patch tokens: no high-norm patch with "
+                 "registers, while the model without them has some",
+                 "stated, not measured (Sec. 3.2); Darcet et al.: outliers ~2% of ViT-g's tokens at ~10x the norm, "
+                 "gone with registers",
+                 ours, agrees, profile, needs=("g",), missing=missing)
 
 
 def table(checks: list[ClaimCheck]):

@@ -323,15 +323,38 @@ class HighestNorm(NamedTuple):
     ratio: np.ndarray       # (n,) its norm over the second-highest norm
     mode: int               # the token that is highest most often
     mode_fraction: float    # the fraction of images where ``mode`` is the highest
+    runner_up: np.ndarray   # (n,) the index of the second-highest token per image
+    to_nonreg: np.ndarray   # (n,) the norm of ``mode`` over the largest norm among the non-register tokens other than
+                            # itself ([CLS] and patches): "an order of magnitude" above them is >= 10
+    num_registers: int      # registers are tokens 1..num_registers
 
 
-def highest_norm_token(trace: dict) -> HighestNorm:
-    """Which token has the highest norm entering the last block, per image, and by how much."""
+def highest_norm_token(trace: dict, num_registers: int | None = None) -> HighestNorm:
+    """Which token has the highest norm entering the last block, per image, and by how much: over the second
+    token (whichever it is, a register too) and, for the token highest most often, over every non-register token.
+    ``num_registers`` defaults to the trace's metadata (0 where a bare dict of norms has none)."""
     norms_ = trace["token_norms_penult"].astype(np.float64)
-    top2 = np.sort(norms_)[:, -2:]
+    if num_registers is None:
+        num_registers = int(trace.get("meta", {}).get("num_registers", 0))
+    rows = np.arange(len(norms_))
     token = norms_.argmax(axis=1)
+    below = norms_.copy()
+    below[rows, token] = -np.inf
+    runner_up = below.argmax(axis=1)
     mode = int(np.bincount(token).argmax())
-    return HighestNorm(token, top2[:, 1] / top2[:, 0], mode, float((token == mode).mean()))
+    others = np.ones(norms_.shape[1], dtype=bool)
+    others[1:num_registers + 1] = False
+    others[mode] = False
+    return HighestNorm(token, norms_[rows, token] / norms_[rows, runner_up], mode, float((token == mode).mean()),
+                       runner_up, norms_[:, mode] / norms_[:, others].max(axis=1), num_registers)
+
+
+def high_norm_patches(trace: dict, factor: float) -> np.ndarray:
+    """Per image (n,): how many patch tokens enter the last block with a norm above ``factor`` times the median
+    norm of all its tokens (the high-norm outliers of Darcet et al.; :data:`regcls.testtime.OUTLIER_FACTOR`)."""
+    norms_ = trace["token_norms_penult"].astype(np.float64)
+    P = int(trace["meta"]["num_prefix_tokens"])
+    return (norms_[:, P:] > factor * np.median(norms_, axis=1, keepdims=True)).sum(axis=1)
 
 
 def oneshot_split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
