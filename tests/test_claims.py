@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from regcls import claims as C
-from regcls.profiles import PROFILES
+from regcls import metrics as M
+from regcls.profiles import LESS_DATA, PROFILES
 
 
 @pytest.mark.parametrize("rule, ok", [
@@ -21,6 +22,8 @@ from regcls.profiles import PROFILES
     (C.monotone("v", {"S": 0.3, "B": 0.33, "L": 0.1}, increasing=False, tol=0.02), False),
     (C.monotone("v", {"S": 0.3}), False),                # one value shows no trend
     (C.all_of(C.above("a", 1, 0), C.below("b", 0, 1)), True), (C.all_of(C.above("a", 1, 0), C.below("b", 2, 1)), False),
+    (C.interval_below("d", (0.1, 0.0, 0.24), 0.25), True), (C.interval_below("d", (0.1, 0.0, 0.26), 0.25), False),
+    (C.interval_below("d", (0.1, 0.0, 0.25), 0.25), False),
 ])
 def test_each_rule_kind_on_both_sides(rule, ok):
     assert rule.ok is ok and isinstance(rule.text, str) and rule.text
@@ -202,3 +205,116 @@ def test_the_takeover_row_needs_outliers_without_registers_and_none_with_them_on
         C.high_norm_takeover_check("3.2", other, plain, smoke, factor=3.0).agrees
     row = C.high_norm_takeover_check("3.2", None, None, PROFILES["smoke-laptop"], factor=3.0)
     assert row.agrees is None and "needs g" in row.ours
+
+# --- Appendix (Figs. 7-9): the rows of other training recipes, on synthetic numbers ------------------------------
+
+def _skip_outputs(patch_cka: dict, n=300, seed=0):
+    """Skip outputs whose patch-only part has roughly the given CKA with the standard output, per size."""
+    return {s: {"standard": k["full"], "patch": k["patch"]}
+            for s, k in _knockout(patch_cka, False, n=n, seed=seed).items()}
+
+
+def _layer_cosines(penultimate: dict, blocks: dict | None = None, n=300, seed=0):
+    """Per-image layer cosines (n, blocks) per size: rising to ``penultimate[size]`` at the block before the last,
+    1 at the last, with a little per-image noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s, pen in penultimate.items():
+        L = (blocks or {}).get(s, 8)
+        curve = np.append(np.linspace(min(0.2, pen), pen, L - 1), 1.0)
+        lc = np.clip(curve + 0.01 * rng.standard_normal((n, L)), -1, 1)
+        lc[:, -1] = 1.0
+        out[s] = lc
+    return out
+
+
+def _crossing_at(cross: dict, n=300, seed=0):
+    """Per-image layer cosines whose image-averaged curve first reaches 0.9 at block k of L (``cross[size] = (k, L)``):
+    depth fraction k / L."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s, (k, L) in cross.items():
+        curve = np.where(np.arange(1, L + 1) < k, 0.6, 0.97)
+        curve[-1] = 1.0
+        out[s] = np.clip(curve + 0.01 * rng.standard_normal((n, L)), -1, 1)
+    return out
+
+
+DINOV2_PEN = {"S": 0.5, "B": 0.6, "L": 0.97}      # the smaller sizes jump at the last layer, the largest converged
+DINOV2_CKA = {"S": 0.97, "B": 0.93, "L": 0.2}     # the smaller sizes' patch-only output faithful, the largest's not
+
+
+@pytest.mark.parametrize("pen, patch_cka, ok, why", [
+    (DINOV2_PEN, DINOV2_CKA, True, "DINOv2's pattern"),
+    ({"S": 0.88, "L": 0.92}, {"S": 0.91, "L": 0.97}, False, "as the random iBOT stand-ins: no jump, no disconnect"),
+    ({"S": 0.5, "B": 0.6, "L": 0.85}, DINOV2_CKA, False, "the largest not converged before the last block"),
+    ({"S": 0.5, "B": 0.93, "L": 0.97}, DINOV2_CKA, False, "a smaller size that does not jump (0.04 below the largest)"),
+    (DINOV2_PEN, {"S": 0.8, "B": 0.8, "L": 0.2}, False, "the smallest's patch-only output not faithful"),
+    (DINOV2_PEN, {"S": 0.97, "B": 0.93, "L": 0.7}, False, "the largest's patch-only output still represents it"),
+    ({"S": 0.85, "L": 0.96}, {"S": 0.96, "L": 0.94}, False,
+     "a deep random ViT over a shallow one: the layer-wise half alone passes, the disconnect is missing"),
+])
+def test_the_mirrors_dinov2_rule_on_both_sides(pen, patch_cka, ok, why):
+    row = C.appendix_mirrors_check("CLIP", _layer_cosines(pen), _skip_outputs(patch_cka), PROFILES["smoke"], [],
+                                   n_boot=100)
+    assert row.agrees is ok, f"{why}: {row.rule}"
+    assert row.claim.startswith("CLIP mirrors DINOv2") and "paired" in row.rule
+
+
+@pytest.mark.parametrize("patch_cka, ok, why", [
+    ({"S": 0.97, "B": 0.8, "L": 0.2}, True, "a fall of 0.77 to a low largest size"),
+    ({"B": 0.98, "L": 0.92, "H": 0.87}, False, "CLIP's 0.98 -> 0.87: a drop of 0.11, not the main text's 0.3"),
+    ({"S": 0.62, "B": 0.52, "L": 0.42}, False, "a low largest size, but a fall of only 0.2 (the drop of 0.1 passed it)"),
+    ({"S": 0.99, "L": 0.62}, False, "a drop of 0.37, but the largest's patch-only output still above 0.5"),
+    ({"S": 0.97, "B": 0.2, "L": 0.45}, False, "not monotone: B below L"),
+])
+def test_the_disconnect_rule_on_both_sides(patch_cka, ok, why):
+    row = C.appendix_disconnect_check("CLIP", _skip_outputs(patch_cka), PROFILES["smoke"], [], n_boot=100)
+    assert row.agrees is ok, f"{why}: {row.rule}"
+
+
+@pytest.mark.parametrize("cross, early, flat, why", [
+    ({"S": (3, 12), "B": (4, 12), "L": (8, 24), "H": (10, 32)}, True, True, "all within the first third, no order"),
+    ({"S": (3, 12), "B": (4, 12), "L": (8, 24), "H": (37, 50)}, False, False, "H at 0.74 of the depth: not early"),
+    ({"S": (1, 12), "B": (3, 12), "L": (8, 24), "H": (14, 32)}, True, False,
+     "early, but a clear trend with size (0.08 -> 0.44)"),
+    ({"S": (12, 12), "H": (2, 12)}, False, False, "the smoke stand-ins: S integrates at its last block, H early"),
+])
+def test_the_deit3_integration_rules_on_both_sides(cross, early, flat, why):
+    rows = C.appendix_integration_checks("DeiT III", _crossing_at(cross), PROFILES["smoke"], [], n_boot=100)
+    assert [r.agrees for r in rows] == [early, flat], f"{why}: {[r.rule for r in rows]}"
+    assert [r.claim for r in rows] == [C.appendix_row("early", "DeiT III")[0],
+                                       C.appendix_row("no-size-relation", "DeiT III")[0]]
+
+
+def test_an_uncertain_integration_depth_is_no_evidence_of_no_size_relation():
+    """Few images whose curves straddle 0.9: the interval of the range is wide, so 'no clear relationship' fails."""
+    rng = np.random.default_rng(1)
+    lc = {s: np.clip(np.append(np.full(L - 1, 0.88), 1.0) + 0.1 * rng.standard_normal((8, L)), -1, 1)
+          for s, L in (("S", 12), ("H", 32))}
+    for v in lc.values():
+        v[:, -1] = 1.0
+    rows = C.appendix_integration_checks("DeiT III", lc, PROFILES["smoke"], [], n_boot=200)
+    assert rows[1].agrees is False, rows[1].rule
+
+
+def test_the_depth_fraction_is_the_integration_depth():
+    rng = np.random.default_rng(0)
+    layers = rng.standard_normal((20, 6, 16)).cumsum(1)   # (n, blocks, D): a [CLS] drifting towards its last state
+    trace = {"cls_layers": layers}
+    assert C.depth_fraction(M.layer_cosine(trace)) == M.integration_depth(trace)
+    assert C.depth_fraction(M.layer_cosine(trace), 0.5) == M.integration_depth(trace, 0.5)
+
+
+def test_a_family_that_could_not_be_traced_reads_not_computed_in_every_row():
+    smoke = PROFILES["smoke"]
+    rows = C.appendix_not_computed({"iBOT": "no iBOT checkpoint in REGCLS_CHECKPOINTS"}, smoke)
+    computed = [C.appendix_disconnect_check("iBOT", _skip_outputs({"S": 0.9, "L": 0.2}), smoke, [], n_boot=0),
+                C.appendix_mirrors_check("iBOT", _layer_cosines({"S": 0.5, "L": 0.97}),
+                                         _skip_outputs({"S": 0.9, "L": 0.2}), smoke, [], n_boot=0)]
+    names = [r.claim for r in rows]
+    assert {c.claim for c in computed} < set(names) and len(names) == 3   # the skip row, the disconnect, mirrors
+    assert all(C.verdict(r) == "not computed" and "no iBOT checkpoint" in r.ours for r in rows)
+    both = C.appendix_not_computed({"DeiT III": "x", LESS_DATA: "y"}, smoke)   # the tiny row once, not twice
+    assert len(both) == len({r.claim for r in both}) == len(C.FAMILY_ROWS["DeiT III"])
+    assert [r.claim for r in C.appendix_not_computed({LESS_DATA: "y"}, smoke)] == [C.appendix_row("tiny", "DeiT III")[0]]

@@ -136,3 +136,31 @@ def test_a_register_reader_needs_a_query_bias():
     with pytest.raises(RegclsError, match="register_reader needs a query bias"):
         plant(model, "register_reader")
     plant(model, "patch_integrator")   # the other kinds need none
+
+
+@pytest.mark.slow
+def test_random_networks_fail_the_mirrors_dinov2_rule_and_the_planted_pattern_passes_it(smoke):
+    """The appendix's "CLIP and iBOT mirror DINOv2" (Fig. 9) is a test only if a network without DINOv2's pattern fails
+    it: the smoke profile's random-initialised CLIP and iBOT stand-ins, and a deep random ViT over a shallow one (whose
+    deeper residual stream settles before its last block: the layer-wise half alone passes, the disconnect is
+    missing), fail every "mirrors DINOv2" row; the planted pattern (the DeiT III stand-ins: a patch integrator, then a
+    skip-dominated model) passes it."""
+    from regcls.claims import appendix_mirrors_check
+    from regcls.profiles import _tiny
+
+    def row(family, specs):
+        traces = {m.size: get_trace(m, smoke.dataset, img_size=smoke.img_size, limit=32, progress=False) for m in specs}
+        M.same_images(traces.values())
+        return appendix_mirrors_check(family, {s: M.layer_cosine(t) for s, t in traces.items()},
+                                      {s: M.skip_outputs(t) for s, t in traces.items()}, smoke, [], n_boot=100)
+
+    families = dict(smoke.appendix)
+    deep_over_shallow = (_tiny("S", "vit_small_patch16_224", "random:2", embed_dim=48, depth=4, num_heads=3),
+                         _tiny("L", "vit_large_patch16_224", "random:2", embed_dim=96, depth=12, num_heads=4))
+    for family, specs in (("CLIP", families["CLIP"]), ("iBOT", families["iBOT"]), ("random deep/shallow", deep_over_shallow)):
+        assert all(m.weights.startswith("random:") for m in specs)
+        r = row(family, specs)
+        assert r.agrees is False, f"{family}: a random network mirrors DINOv2: {r.rule}"
+    r = row("DeiT III", families["DeiT III"])
+    assert [m.weights for m in families["DeiT III"]] == ["planted:patch_integrator", "planted:skip_dominated"]
+    assert r.agrees is True, r.rule

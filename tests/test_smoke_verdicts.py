@@ -55,8 +55,11 @@ EXPECTED = {
     ("App.", "DeiT III: the tiny model (less data) behaves like the huge one"): True,
     ("App.", "DeiT III integrates early at every size"): (False, "the S stand-in is a patch integrator, which "
                                                            "integrates at the last block"),
-    ("App.", "CLIP mirrors DINOv2 layer-wise"): (False, "the CLIP stand-ins are random-initialised"),
-    ("App.", "iBOT mirrors DINOv2 layer-wise"): True,
+    ("App.", "DeiT III: no clear relationship between model size and early"): (
+        False, "the stand-ins plant a size relation: the patch-integrating S reaches the final [CLS] only at its last "
+               "block, the skip-dominated H at its first"),
+    ("App.", "CLIP mirrors DINOv2"): (False, "random-initialised stand-ins: no DINOv2 pattern"),
+    ("App.", "iBOT mirrors DINOv2"): (False, "random-initialised stand-ins: no DINOv2 pattern"),
     ("Beyond", "DINOv3: larger distilled students attend more to their registers"): True,
     ("Beyond", "DINOv3: in the largest distilled student the register-only output"): True,
     ("Beyond", "DINOv3: in the largest distilled student the patch-based output is far"): True,

@@ -6,10 +6,12 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from . import maps, metrics
 from .env import cache_dir, image_cap
 from .files import LIB_ROOT, atomic_write_text, library_digest
-from .profiles import Profile
+from .profiles import LESS_DATA, Profile
 
 
 # Sec. 4.1's line between "uses both the skip term and the patches" and "dominated by the skip term": the median
@@ -358,6 +360,162 @@ def high_norm_takeover_check(section: str, with_registers, without, profile: Pro
                  "stated, not measured (Sec. 3.2); Darcet et al.: outliers ~2% of ViT-g's tokens at ~10x the norm, "
                  "gone with registers",
                  ours, agrees, profile, needs=("g",), missing=missing)
+
+
+# --- Appendix (Figs. 7-9): other training recipes (DeiT III, CLIP, iBOT) ---------------------------------------------
+# The appendix repeats Sec. 4.1's three views per family and gives no numbers: its Fig. 8 caption calls the disconnect
+# the one "discussed in the main text" and Fig. 9's says CLIP and iBOT "mirror the DINOv2 behavior", so these rows
+# judge with the lines the main text's rules draw (the paper's figures are plots without numbers).
+APP_CONNECTED = 0.9     # patch-only CKA above this: the patch-only output represents the standard one (Sec. 3.3: "close-
+                        # to-perfect alignment" for the small models, Fig. 3a; 3.3's and 4.1's rules for S)
+APP_DISCONNECTED = 0.5  # patch-only CKA below this: it does not ("highly disconnected", Sec. 3.3; 4.1's rule for Fig. 6's
+                        # giant and this page's DeiT III drop-path row): less than half the similarity structure shared
+APP_DROP = 0.3          # the paired fall of the patch-only CKA from the smallest to the largest size: Fig. 3a's "collapses
+                        # as size grows" as the main text judges it (knockout_checks(drop=0.3) in 3.3)
+APP_CONVERGED = 0.9     # the largest size's penultimate-to-final [CLS] cosine above this: its output is settled before the
+                        # last block (Sec. 4.1: "the penultimate output is already very similar to the final one", Fig. 5b)
+APP_JUMP = 0.1          # ... and above each smaller size's by this (paired per-image interval): the smaller sizes' "large
+                        # jump at the very last layer" (Fig. 5b), the margin 4.1's rule for Fig. 5b uses
+APP_EARLY = 0.5         # DeiT III: the depth fraction where the image-averaged [CLS] first comes within cosine 0.9 of the
+                        # final one lies below this at every size (its 95% interval): "integrate final output information
+                        # early in the hierarchy" (Fig. 9's caption) read as the first half of the blocks; a patch
+                        # integrator, which jumps at its last block (DINOv2 S, B, L in Fig. 5b), sits at 1.0
+APP_SAME_DEPTH = 0.25   # DeiT III: "no clear relationship between model size and early [CLS] integration" (Fig. 9): size
+                        # moves the integration depth by less than this, i.e. the range of the depths over the sizes
+                        # (paired interval) lies below a quarter of the depth -- half of the early band [0, APP_EARLY), so
+                        # that no size integrates at the other end of the band from another, in whatever order
+
+# Each row of the appendix: key -> (claim, paper); "{f}" is the family. The claims of a family whose models could
+# not be traced read "not computed" under the same names (appendix_not_computed).
+APPENDIX_ROWS = {
+    "skip": ("{f}: attention to the skip path grows with size", "qualitative (Fig. 7)"),
+    "disconnect": ("{f}: the disconnect grows with size (the patch-only output represents less)",
+                   (f"Fig. 8: a disconnect with growing size, as in the main text; judged by its lines: paired drop of "
+                    f"the patch-only CKA >= {APP_DROP} (Fig. 3a, 3.3) and the largest size < {APP_DISCONNECTED} "
+                    f"(Fig. 6, 4.1)")),
+    "tiny": ("DeiT III: the tiny model (less data) behaves like the huge one", "qualitative (Fig. 7)"),
+    "drop-path": ("DeiT III, trained with drop-path, still shows the violation at its largest size",
+                  "Sec. 5: drop-path alone does not prevent it"),
+    "early": ("DeiT III integrates early at every size",
+              (f"Fig. 9: every size integrates \"early in the hierarchy\" (read: within the first half of the "
+               f"blocks, < {APP_EARLY})")),
+    "no-size-relation": ("DeiT III: no clear relationship between model size and early [CLS] integration",
+                         (f"Fig. 9: \"no clear relationship\" (read: the integration depth varies over the sizes "
+                          f"by less than {APP_SAME_DEPTH} of the depth)")),
+    "mirrors": (("{f} mirrors DINOv2: the smaller sizes jump at the last layer, the largest converges before it and "
+                 "its patch-only output does not represent it"),
+                (f"Fig. 9 (\"mirror the DINOv2 behavior\"), judged by DINOv2's pattern in the main text: the "
+                 f"largest's penultimate cosine > {APP_CONVERGED} and {APP_JUMP} above each smaller one's (Fig. 5b); "
+                 f"the smallest's patch-only CKA > {APP_CONNECTED}, the largest's < {APP_DISCONNECTED} (Figs. 3a, 6)")),
+}
+FAMILY_ROWS = {"DeiT III": ("skip", "disconnect", "tiny", "drop-path", "early", "no-size-relation"),
+               "CLIP": ("skip", "disconnect", "mirrors"), "iBOT": ("skip", "disconnect", "mirrors"),
+               LESS_DATA: ("tiny",)}
+
+
+def appendix_row(key: str, family: str) -> tuple[str, str]:
+    """``(claim, paper)`` of one appendix row for ``family``."""
+    claim, paper = APPENDIX_ROWS[key]
+    return claim.format(f=family), paper
+
+
+def appendix_not_computed(skipped: dict[str, str], profile: Profile) -> list[ClaimCheck]:
+    """A "not computed" row, with its reason, for every claim of each family in ``skipped`` (family -> why its models
+    could not be traced): the family's rows under the names they have where they are computed, each once."""
+    rows = {}
+    for family, why in skipped.items():
+        for key in FAMILY_ROWS.get(family, ()):
+            claim, paper = appendix_row(key, family)
+            rows.setdefault(claim, not_computed("App.", claim, paper, f"{family}: {why}", profile))
+    return list(rows.values())
+
+
+def interval_below(name: str, ci: tuple[float, float, float], bound: float, fmt: str = ".2f") -> Rule:
+    """A bootstrap interval ``(value, low, high)`` lies below ``bound`` (a quantity shown to be small)."""
+    v, lo, hi = ci
+    return Rule(f"{name} {v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}] below {bound:{fmt}}", bool(hi < bound))
+
+
+def depth_fraction(lc: np.ndarray, threshold: float = APP_CONVERGED) -> float:
+    """:func:`regcls.metrics.integration_depth` on per-image layer cosines ``lc`` (n, L; :func:`metrics.layer_cosine`),
+    so that it can be resampled over images without the hidden states."""
+    c = lc.mean(0)
+    return float((np.argmax(c >= threshold) + 1) / len(c))
+
+
+def _patch_cka(so: dict[str, dict]) -> dict[str, float]:
+    return {s: metrics.cka(o["standard"], o["patch"]) for s, o in so.items()}
+
+
+def appendix_disconnect_check(family: str, so: dict[str, dict], profile: Profile, missing: list[str],
+                              n_boot: int = 300) -> ClaimCheck:
+    """Fig. 8 for one family: ``so[size]`` are :func:`regcls.metrics.skip_outputs` (the same images at every size,
+    smallest first). The patch-only CKA falls with size (steps back of 0.02 allowed, as in 3.3), the paired drop from
+    the smallest to the largest size is at least :data:`APP_DROP`, and the largest's is below :data:`APP_DISCONNECTED`."""
+    sizes = list(so)
+    small, big = sizes[0], sizes[-1]
+    ckp = _patch_cka(so)
+    drop = metrics.cka_difference_interval(so[small]["standard"], so[small]["patch"], so[big]["standard"],
+                                           so[big]["patch"], n_boot=n_boot)
+    claim, paper = appendix_row("disconnect", family)
+    return check("App.", claim, paper,
+                 "CKA of the standard output with the patch-only one: " + ", ".join(f"{s} {v:.3f}" for s, v in ckp.items())
+                 + f"; paired drop {small} - {big} " + "{:.3f} [{:.3f}, {:.3f}]".format(*drop),
+                 lambda: all_of(monotone("patch-only CKA", ckp, increasing=False, tol=0.02, fmt=".3f"),
+                                interval_above(f"paired drop {small} - {big}", drop, APP_DROP, ".3f"),
+                                below(f"{big} patch-only CKA", ckp[big], APP_DISCONNECTED, ".3f")),
+                 profile, missing=missing)
+
+
+def appendix_mirrors_check(family: str, lc: dict[str, np.ndarray], so: dict[str, dict], profile: Profile,
+                           missing: list[str], n_boot: int = 300) -> ClaimCheck:
+    """Fig. 9's "CLIP and iBOT mirror the DINOv2 behavior", judged by what DINOv2 shows in the main text:
+    ``lc[size]`` are the per-image layer cosines (:func:`regcls.metrics.layer_cosine`), ``so[size]`` the skip outputs,
+    the same images at every size, smallest first. The largest's penultimate cosine is above :data:`APP_CONVERGED` and
+    above each smaller size's by :data:`APP_JUMP` (paired per-image interval; Fig. 5b); the smallest's patch-only CKA
+    is above :data:`APP_CONNECTED` and the largest's below :data:`APP_DISCONNECTED` (Figs. 3a and 6). A random network
+    shows none of it (tests/test_claims.py)."""
+    sizes = list(lc)
+    small, big = sizes[0], sizes[-1]
+    pen = {s: v[:, -2] for s, v in lc.items()}   # per image: the [CLS] entering the last block vs the final [CLS]
+    ckp = _patch_cka(so)
+    gap = {s: metrics.bootstrap_ci(np.mean, pen[big] - pen[s], n_boot=n_boot) for s in sizes[:-1]}
+    claim, paper = appendix_row("mirrors", family)
+    return check("App.", claim, paper,
+                 "penultimate cosine: " + ", ".join(f"{s} {v.mean():.3f}" for s, v in pen.items())
+                 + "".join(f"; paired {big} - {s} " + "{:.3f} [{:.3f}, {:.3f}]".format(*g) for s, g in gap.items())
+                 + "; patch-only CKA: " + ", ".join(f"{s} {v:.3f}" for s, v in ckp.items()),
+                 lambda: all_of(above(f"{big} penultimate cosine", float(pen[big].mean()), APP_CONVERGED, ".3f"),
+                                *(interval_above(f"paired {big} - {s} penultimate cosine", g, APP_JUMP, ".3f")
+                                  for s, g in gap.items()),
+                                above(f"{small} patch-only CKA", ckp[small], APP_CONNECTED, ".3f"),
+                                below(f"{big} patch-only CKA", ckp[big], APP_DISCONNECTED, ".3f")),
+                 profile, missing=missing)
+
+
+def appendix_integration_checks(family: str, lc: dict[str, np.ndarray], profile: Profile, missing: list[str],
+                                n_boot: int = 300) -> list[ClaimCheck]:
+    """Fig. 9 for DeiT III: ``lc[size]`` are the per-image layer cosines, the same images at every size. Every size's
+    integration depth (:func:`depth_fraction`) lies below :data:`APP_EARLY` (its 95% interval); and size moves it little:
+    the range of the depths over the sizes (a paired interval: the same resampled images at every size) lies below
+    :data:`APP_SAME_DEPTH`."""
+    sizes = list(lc)
+    depth = {s: metrics.bootstrap_ci(depth_fraction, v, n_boot=n_boot) for s, v in lc.items()}
+    spread = metrics.bootstrap_ci(lambda *a: max(map(depth_fraction, a)) - min(map(depth_fraction, a)),
+                                  *lc.values(), n_boot=n_boot)
+    shown = ("depth fraction where the [CLS] reaches cosine 0.9 to the final one [95% CI]: "
+             + ", ".join(f"{s} {d.value:.2f} [{d.low:.2f}, {d.high:.2f}]" for s, d in depth.items()))
+    early, early_paper = appendix_row("early", family)
+    flat, flat_paper = appendix_row("no-size-relation", family)
+    return [
+        check("App.", early, early_paper, shown,
+              lambda: all_of(*(interval_below(f"{s} depth", d, APP_EARLY) for s, d in depth.items())),
+              profile, missing=missing),
+        check("App.", flat, flat_paper,
+              shown + f"; range over {', '.join(sizes)} " + "{:.2f} [{:.2f}, {:.2f}]".format(*spread),
+              lambda: interval_below("range of the integration depth over the sizes", spread, APP_SAME_DEPTH),
+              profile, missing=missing),
+    ]
 
 
 def table(checks: list[ClaimCheck]):
