@@ -294,6 +294,34 @@ def test_paired_cka_difference_uses_the_same_resamples_for_both_pairs():
     np.testing.assert_allclose(cka_difference_interval(X, Y1, X, Y2, n_boot=50, seed=4), want, atol=1e-10)
 
 
+def test_paired_cka_ratio_uses_the_same_resamples_for_both_pairs():
+    from regcls.metrics import cka_ratio_interval
+    X = rng.normal(size=(40, 6))
+    Y1, Y2 = X[:, :3] + 0.3 * rng.normal(size=(40, 3)), X[:, 3:] + 1.5 * rng.normal(size=(40, 3))
+    g = np.random.default_rng(4)
+    idx = [g.integers(0, 40, 40) for _ in range(50)]
+    boots = [cka(X[i], Y1[i]) / cka(X[i], Y2[i]) for i in idx]
+    want = (cka(X, Y1) / cka(X, Y2), *np.percentile(boots, [2.5, 97.5]))
+    np.testing.assert_allclose(cka_ratio_interval(X, Y1, X, Y2, n_boot=50, seed=4), want, rtol=1e-9)
+    v, lo, hi = cka_ratio_interval(X, Y1, X, Y2, n_boot=0)
+    assert v == pytest.approx(want[0]) and np.isnan(lo) and np.isnan(hi)
+    with pytest.raises(ValueError, match="same images"):
+        cka_ratio_interval(X, Y1, X[:30], Y2[:30])
+
+
+def test_depth_changes_on_known_curves():
+    from regcls.metrics import depth_changes
+    c = np.array([[0.3, 0.3, 0.4, 1.0],      # a jump at the last block: 0.6 of a total 0.7
+                  [0.7, 0.8, 0.9, 1.0],      # smooth: three steps of 0.1
+                  [0.5, 0.2, 0.9, 1.0],      # down and up: the total counts every step's size (0.3 + 0.7 + 0.1)
+                  [1.0, 1.0, 1.0, 1.0]])     # never moves
+    d = depth_changes(c)
+    np.testing.assert_allclose(d["last"], [0.6, 0.1, 0.1, 0.0], atol=1e-12)
+    np.testing.assert_allclose(d["largest"], [0.6, 0.1, 0.7, 0.0], atol=1e-12)
+    np.testing.assert_allclose(d["last share"], [0.6 / 0.7, 1 / 3, 0.1 / 1.1, 0.0], atol=1e-12)
+    np.testing.assert_allclose(d["largest / mean"], [0.6 * 3 / 0.7, 1.0, 0.7 * 3 / 1.1, 1.0], atol=1e-12)
+
+
 # ------------------------------------------------------------------ the smaller measurements, on known inputs
 
 def test_norms_cosine_and_layer_cosine():

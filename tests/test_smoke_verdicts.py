@@ -38,6 +38,7 @@ EXPECTED = {
     ("3.4", "The attention map (patch term) explains only part"): True,
     ("4.1", "S, B and L use both the skip term and the patches"): True,
     ("4.1", "S, B, L jump at the last layer"): True,
+    ("4.1", "Giant converges to the final [CLS] more smoothly"): True,
     ("4.1", "For large models the patch-based output does not represent"): True,
     ("App.", "DeiT III: attention to the skip path grows with size"): True,
     ("App.", "CLIP: attention to the skip path grows with size"): (False, "the CLIP stand-ins are random-"
@@ -118,7 +119,8 @@ def test_every_row_has_its_expected_verdict(rows):
 SIZE_RULES = {
     "sec3_1": ["Large models attend more to registers"],
     "sec3_3": ["Small models: the patch-only output matches", "One-shot accuracy from patch-only outputs is poor"],
-    "sec4_1": ["S, B and L use both the skip term and the patches", "S, B, L jump at the last layer"],
+    "sec4_1": ["S, B and L use both the skip term and the patches", "S, B, L jump at the last layer",
+               "Giant converges to the final [CLS] more smoothly", "For large models the patch-based output does not represent"],
 }
 
 

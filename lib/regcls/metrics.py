@@ -233,6 +233,23 @@ def cka_difference_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: 
     return Interval(value, *_percentiles(cka_resampled(X1, Y1, counts) - cka_resampled(X2, Y2, counts), level))
 
 
+def cka_ratio_interval(X1: np.ndarray, Y1: np.ndarray, X2: np.ndarray, Y2: np.ndarray, n_boot: int = 1000,
+                       level: float = 0.95, seed: int = 0) -> Interval:
+    """``cka(X1, Y1) / cka(X2, Y2)`` with a *paired* percentile bootstrap interval, as
+    :func:`cka_difference_interval` (the same images drawn for both pairs in each resample): a contrast stated as
+    a factor ("at least twice as aligned in S as in g")."""
+    n = len(X1)
+    if not len(Y1) == len(X2) == len(Y2) == n:
+        raise ValueError("a paired contrast needs the same images in every array")
+    value = cka(X1, Y1) / cka(X2, Y2)
+    if n_boot == 0:
+        return Interval(value, float("nan"), float("nan"))
+    counts = _resample_counts(n, n_boot, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boots = cka_resampled(X1, Y1, counts) / cka_resampled(X2, Y2, counts)
+    return Interval(value, *_percentiles(boots, level))
+
+
 def same_images(traces) -> list[str]:
     """The image ids the traces share, in order; a one-line error when they differ (no paired contrast then)."""
     traces = list(traces)
@@ -291,6 +308,26 @@ def penultimate_cosine(trace: dict) -> float:
     """Mean over the images of the cosine between the [CLS] entering the last block and the final [CLS]
     (Sec. 4.1: near 1 when the global output is settled before the last block)."""
     return float(layer_cosine(trace)[:, -2].mean())
+
+
+def depth_changes(cosines: np.ndarray) -> dict[str, np.ndarray]:
+    """Sec. 4.1 (Fig. 5b), per image: how the [CLS]'s cosine to the final [CLS] (``cosines``, (n, L) as
+    :func:`layer_cosine` returns) changes from block to block, from the first block's output on.
+
+    ``"last"``: the last block's change (1 - the penultimate cosine); ``"largest"``: the largest change any single
+    block makes (a jump; small when the [CLS] converges smoothly); ``"last share"``: the last block's share of the
+    total change along the depth (the sizes of every block's change added up): above one half when the last
+    block moves the [CLS] further than all the blocks before it together; ``"largest / mean"``: the largest change
+    over the mean change per block, a view that leaves the depth out (``"largest"`` shrinks in a deeper model,
+    which has more blocks to spread the same change over). Each (n,).
+    """
+    c = np.asarray(cosines, dtype=np.float64)
+    step = np.abs(np.diff(c, axis=1))                          # (n, L - 1): blocks 2 .. L
+    total = step.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, step[:, -1] / total, 0.0)  # a [CLS] that never moves made no jump
+        peak = np.where(total > 0, step.max(axis=1) * step.shape[1] / total, 1.0)
+    return {"last": step[:, -1], "largest": step.max(axis=1), "last share": share, "largest / mean": peak}
 
 
 def integration_depth(trace: dict, threshold: float = 0.9) -> float:
