@@ -81,7 +81,7 @@ def _knockout(patch_cka: dict, reg_over_patch_in_g: bool, n=200, seed=0):
 
 def test_the_knockout_rules_on_both_sides():
     smoke = PROFILES["smoke"]
-    good = C.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.95, "L": 0.6, "g": 0.2}, True), smoke, n_boot=50)
+    good = C.knockout_checks("3.3", _knockout({"S": 0.99, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=50)
     assert [r.agrees for r in good] == [True, True, True]
     bad = C.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.7, "L": 0.6, "g": 0.9}, False), smoke, n_boot=50)
     assert [r.agrees for r in bad] == [False, False, False]     # B too low; no collapse; g reads its patches
@@ -425,3 +425,48 @@ def test_paired_ratio_is_the_median_of_the_per_image_ratios_and_survives_a_zero(
     assert v == 3.0 and lo <= v <= hi
     v, _, _ = C.paired_ratio(np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 1.0]), n_boot=10)
     assert np.isfinite(v) and v > 1e300
+
+def test_close_to_perfect_is_closer_than_0_9():
+    """Sec. 3.3's "close-to-perfect alignment": S at 0.92 would pass a bound of 0.9, but is not close to perfect."""
+    smoke = PROFILES["smoke"]
+    near = C.knockout_checks("3.3", _knockout({"S": 0.92, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=0)[0]
+    assert near.agrees is False and "S patch-only CKA 0.91" in near.rule and "> 0.950" in near.rule
+    close = C.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=0)[0]
+    assert close.agrees is True and "read as above 0.95" in close.paper
+
+
+@pytest.mark.parametrize("g, ok", [
+    (np.linspace(0.0, 1.0, 101), True),               # some images attend mainly to patches, some almost ignore them
+    (np.linspace(0.30, 0.85, 101), False),            # a wide spread, but no image ignores the patches
+    (np.linspace(0.0, 0.45, 101), False),             # some ignore them, but none attends mainly to them
+    (np.r_[np.full(94, 0.5), np.full(7, 0.0)], False),  # the upper end at half the attention: not "mainly"
+    (np.r_[np.full(97, 0.02), np.full(4, 0.9)], False),  # 4 of 101 images attend mainly to patches: under 1 in 20
+    (np.r_[np.full(90, 0.02), np.full(11, 0.7)], True),  # one image in ten at each end is enough
+])
+def test_the_share_ends_rule_on_both_sides(g, ok):
+    patch = {"S": np.full(101, 0.95), "B": np.full(101, 0.95), "L": np.full(101, 0.2), "g": g}
+    row = C.share_ends_check("3.1", patch, PROFILES["smoke"])
+    assert row.agrees is ok and "95th percentile" in row.rule and "5th percentile" in row.rule
+    assert C.share_ends_check("3.1", {s: patch[s] for s in ("S", "B")}, PROFILES["smoke-laptop"]).agrees is None
+
+
+def _register_patch(shared_weight: float, n=200, d=6, seed=0):
+    """Knockout outputs whose register-only and patch-only parts share ``shared_weight`` of a common signal."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in ("S", "B", "L", "g"):
+        common = rng.standard_normal((n, d))
+        reg = shared_weight * common + rng.standard_normal((n, d))
+        patch = shared_weight * common + rng.standard_normal((n, d))
+        out[s] = {"full": reg + patch, "reg": reg, "patch": patch}
+    return out
+
+
+def test_the_register_patch_rule_on_both_sides():
+    smoke = PROFILES["smoke"]
+    apart = C.register_patch_check("3.3", _register_patch(0.0), smoke, n_boot=50)    # independent: CKA near 0
+    assert apart.agrees is True and apart.rule.startswith("g: CKA register-only vs patch-only 0.0")
+    alike = C.register_patch_check("3.3", _register_patch(3.0), smoke, n_boot=50)    # mostly shared: CKA near 0.8
+    assert alike.agrees is False and "< 0.500" in alike.rule
+    assert C.register_patch_check("3.3", {s: v for s, v in _register_patch(0.0).items() if s in "SB"},
+                                  PROFILES["smoke-laptop"]).agrees is None

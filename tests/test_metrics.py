@@ -389,6 +389,38 @@ def test_oneshot_knockout_trains_on_the_unaltered_output_and_tests_each_part_per
     assert set(got) == {"full", "patch", "reg"} and got["full"].shape == (2,)
 
 
+def test_unit_norm_scales_every_output_to_norm_one_and_keeps_its_direction():
+    from regcls.metrics import norms, unit_norm
+    ko = {p: rng.normal(size=(5, 4)) * w for p, w in (("full", 3.0), ("cls", 1.0), ("reg", 0.5), ("patch", 1e-6))}
+    ko["patch"][2] = 0.0
+    out = unit_norm(ko)
+    assert set(out) == set(ko)
+    for p in ("full", "cls", "reg"):
+        np.testing.assert_allclose(norms(out[p]), 1.0)
+        np.testing.assert_allclose(cosine(out[p], ko[p]), 1.0)
+    keep = np.arange(5) != 2
+    np.testing.assert_allclose(norms(out["patch"][keep]), 1.0)
+    np.testing.assert_allclose(cosine(out["patch"][keep], ko["patch"][keep]), 1.0)
+    np.testing.assert_array_equal(out["patch"][2], 0.0)      # a zero row has no direction to keep: it stays zero
+
+
+def test_a_unit_norm_oneshot_separates_scale_from_missing_information():
+    """A patch part pointing exactly along the unaltered output but 100 times shorter: the raw test lands every image
+    near the standardiser's mean (near chance); at unit norm it is the unaltered output at unit norm."""
+    from regcls.metrics import oneshot_knockout
+    C, per, D = 20, 3, 8
+    y = np.repeat(np.arange(C), per)
+    full = rng.normal(size=(C, D))[y] * 3 + rng.normal(size=(C * per, D)) * 0.3 + 20.0   # far from the origin
+    t = fake_trace(n=C * per, D=D)
+    t.update(labels=y, attn_val_patch=full / 100, attn_val_cls=full * 99 / 100, attn_val_reg=np.zeros_like(full))
+    raw = oneshot_knockout(t, seeds=(0, 1, 2), k=1, level="val")
+    unit = oneshot_knockout(t, seeds=(0, 1, 2), k=1, level="val", unit=True)
+    assert raw["full"].mean() > 0.9 and raw["patch"].mean() < 0.3
+    assert unit["full"].mean() > 0.9
+    np.testing.assert_array_equal(unit["patch"], unit["full"])
+    assert unit["reg"].mean() < 0.3                              # a zero part carries nothing at any scale
+
+
 def test_knockout_cka_is_the_cka_interval_of_each_part_with_the_unaltered_output():
     from regcls.metrics import knockout_cka
     k = knockout(fake_trace(n=20), level="val")

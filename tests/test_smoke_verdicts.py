@@ -30,6 +30,7 @@ EXPECTED = {
     ("3.3", "Patch-only CKA collapses as size grows"): True,
     ("3.3", "In giant, the register-only output matches better"): True,
     ("3.3", "One-shot accuracy from patch-only outputs is poor"): True,
+    ("3.3", "The register-only and patch-only outputs have low CKA"): True,
     ("3.4", "Maps with registers are cleaner"): (False, "no map pattern is planted: the register reader's strong "
                                                  "constant query over LayerNorm-ed keys makes its patch attention "
                                                  "peakier than the skip-dominated model's random one"),

@@ -414,11 +414,26 @@ def topk_accuracy(scores: np.ndarray, classes: np.ndarray, y: np.ndarray, k: int
     return float((top == y[:, None]).any(axis=1).mean())
 
 
-def oneshot_knockout(trace: dict, seeds, k: int, classifier: str = "logreg", **knockout_options) -> dict[str, np.ndarray]:
+def unit_norm(ko: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of ``ko`` (:func:`knockout`), the unaltered one included, scaled image by image to unit norm:
+    each keeps its direction only. Nothing of one output enters another (scaling a part to the unaltered output's
+    norm would copy that norm, one number per image, into it). A row of norm 0 stays 0."""
+    out = {}
+    for p, X in ko.items():
+        n = norms(X)
+        out[p] = X / np.where(n > 0, n, 1.0)[:, None]
+    return out
+
+
+def oneshot_knockout(trace: dict, seeds, k: int, classifier: str = "logreg", unit: bool = False,
+                     **knockout_options) -> dict[str, np.ndarray]:
     """Sec. 3.3's one-shot test of a labelled trace, per sampling seed: trained on one unaltered output per class,
     tested on another image's unaltered, patch-only and register-only output (:func:`knockout` with
-    ``knockout_options``). Returns ``{"full", "patch", "reg"}``, each the top-``k`` accuracy per seed (seeds,)."""
+    ``knockout_options``; with ``unit`` every output, the training ones too, first scaled to unit norm,
+    :func:`unit_norm`). Returns ``{"full", "patch", "reg"}``, each the top-``k`` accuracy per seed (seeds,)."""
     ko = knockout(trace, **knockout_options)
+    if unit:
+        ko = unit_norm(ko)
     return oneshot_over_seeds(ko["full"], trace["labels"],
                               lambda b, seed: {p: ko[p][b] for p in ("full", "patch", "reg")}, seeds, k, classifier)
 
