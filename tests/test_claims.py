@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from regcls import claims as C
+from regcls import rules as R
 from regcls import metrics as M
 from regcls.profiles import LESS_DATA, PROFILES
 
@@ -81,9 +82,9 @@ def _knockout(patch_cka: dict, reg_over_patch_in_g: bool, n=200, seed=0):
 
 def test_the_knockout_rules_on_both_sides():
     smoke = PROFILES["smoke"]
-    good = C.knockout_checks("3.3", _knockout({"S": 0.99, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=50)
+    good = R.knockout_checks("3.3", _knockout({"S": 0.99, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=50)
     assert [r.agrees for r in good] == [True, True, True]
-    bad = C.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.7, "L": 0.6, "g": 0.9}, False), smoke, n_boot=50)
+    bad = R.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.7, "L": 0.6, "g": 0.9}, False), smoke, n_boot=50)
     assert [r.agrees for r in bad] == [False, False, False]     # B too low; no collapse; g reads its patches
 
 
@@ -110,14 +111,14 @@ def _maps_trace(unequal: bool, n=120, Np=40, D=8, seed=0) -> dict:
 
 def test_the_maps_rules_on_both_sides():
     smoke = PROFILES["smoke"]
-    assert [r.agrees for r in C.maps_checks("Beyond", _maps_trace(True), smoke, n_boot=100)] == [True, True]
-    same = C.maps_checks("Beyond", _maps_trace(False), smoke, n_boot=100)
+    assert [r.agrees for r in R.maps_checks("Beyond", _maps_trace(True), smoke, n_boot=100)] == [True, True]
+    same = R.maps_checks("Beyond", _maps_trace(False), smoke, n_boot=100)
     assert [r.agrees for r in same] == [False, False]          # one ranking: the same top patches, no difference
     swapped = _maps_trace(True)                                # the attended patches rebuilding it better instead
     swapped["rebuilt_attn_10"], swapped["rebuilt_norm_10"] = swapped["rebuilt_norm_10"], swapped["rebuilt_attn_10"]
-    rows = C.maps_checks("Beyond", swapped, smoke, n_boot=100)
+    rows = R.maps_checks("Beyond", swapped, smoke, n_boot=100)
     assert [r.agrees for r in rows] == [True, False] and "paired CKA difference" in rows[1].rule
-    assert [r.agrees for r in C.maps_checks("Beyond", _maps_trace(True), PROFILES["smoke-laptop"])] == [None, None]
+    assert [r.agrees for r in R.maps_checks("Beyond", _maps_trace(True), PROFILES["smoke-laptop"])] == [None, None]
 
 # --- Sec. 3.2, register norms: each row's rule on both sides, on synthetic numbers --------------------------------
 
@@ -137,15 +138,15 @@ def _hn(norms_):
 
 def test_the_highest_norm_row_reads_an_order_of_magnitude_as_a_lower_bound():
     smoke = PROFILES["smoke"]
-    row = C.highest_norm_check("3.2", _hn(_norms(reg=70.0)), smoke)          # 35x the largest patch: an order
+    row = R.highest_norm_check("3.2", _hn(_norms(reg=70.0)), smoke)          # 35x the largest patch: an order
     assert row.agrees is True and "register 3" in row.ours                   # of magnitude, and more
-    assert C.highest_norm_check("3.2", _hn(_norms(reg=10.0)), smoke).agrees is False   # 5x the largest patch
-    assert C.highest_norm_check("3.2", _hn(_norms(reg=70.0, top=9)), smoke).agrees is False   # a patch is highest
+    assert R.highest_norm_check("3.2", _hn(_norms(reg=10.0)), smoke).agrees is False   # 5x the largest patch
+    assert R.highest_norm_check("3.2", _hn(_norms(reg=70.0, top=9)), smoke).agrees is False   # a patch is highest
     flip = _norms(reg=70.0)
     flip[::3, 2] = 80.0                                                      # another register is highest on a third
-    assert C.highest_norm_check("3.2", _hn(flip), smoke).agrees is False
+    assert R.highest_norm_check("3.2", _hn(flip), smoke).agrees is False
     shared = _norms(reg=70.0, other_regs=60.0)                               # registers share the norm: the row judges
-    row = C.highest_norm_check("3.2", _hn(shared), smoke)                    # them against the non-register tokens
+    row = R.highest_norm_check("3.2", _hn(shared), smoke)                    # them against the non-register tokens
     assert row.agrees is True and "over the next token: median 1.2x" in row.ours
     assert "another register on 100%" in row.ours                            # and says that they share it
 
@@ -161,14 +162,14 @@ def _outlier_token(n=60, outlier=100.0, content=1.0, offset=0.0, seed=1):
 def test_the_outlier_dimension_row_needs_the_token_below_the_cls_reference_without_them():
     smoke = PROFILES["smoke"]
     cls = 0.5 + np.random.default_rng(2).standard_normal((60, 50))           # [CLS] cosine 0.18
-    row = C.outlier_dims_check("3.2", _outlier_token(), cls, smoke, n_boot=100)
+    row = R.outlier_dims_check("3.2", _outlier_token(), cls, smoke, n_boot=100)
     assert row.agrees is True and "the [CLS] token 0.18" in row.ours
     still_constant = _outlier_token(offset=5.0, content=0.3)                 # cosine 0.996 without the outliers
-    row = C.outlier_dims_check("3.2", still_constant, cls, smoke, n_boot=100)
+    row = R.outlier_dims_check("3.2", still_constant, cls, smoke, n_boot=100)
     assert row.agrees is False and "0.99" in row.ours
-    assert C.outlier_dims_check("3.2", _outlier_token(outlier=2.0), cls, smoke, n_boot=100).agrees is False  # no
+    assert R.outlier_dims_check("3.2", _outlier_token(outlier=2.0), cls, smoke, n_boot=100).agrees is False  # no
     with pytest.raises(ValueError):                                          # outliers dominate; other images
-        C.outlier_dims_check("3.2", _outlier_token(), cls[:10], smoke)
+        R.outlier_dims_check("3.2", _outlier_token(), cls[:10], smoke)
 
 
 def test_the_keys_and_values_row_needs_the_layernormed_outliers_in_the_minority():
@@ -176,8 +177,8 @@ def test_the_keys_and_values_row_needs_the_layernormed_outliers_in_the_minority(
     X = _outlier_token()
     scaled = X.copy()
     scaled[:, :3] *= 0.001                                                   # the LayerNorm's weight scales them down
-    assert C.layernormed_outliers_check("3.2", X, scaled, smoke).agrees is True
-    assert C.layernormed_outliers_check("3.2", X, X / 10, smoke).agrees is False   # they still dominate
+    assert R.layernormed_outliers_check("3.2", X, scaled, smoke).agrees is True
+    assert R.layernormed_outliers_check("3.2", X, X / 10, smoke).agrees is False   # they still dominate
 
 
 def _norm_trace(n_outliers_per_image, registers, n=50, seed=3):
@@ -195,19 +196,19 @@ def test_the_takeover_row_needs_outliers_without_registers_and_none_with_them_on
     smoke = PROFILES["smoke"]
     plain = _norm_trace([2] * 45 + [0] * 5, 0)                               # 90% of the images carry outliers
     clean = _norm_trace([0] * 50, 4)
-    row = C.high_norm_takeover_check("3.2", clean, plain, smoke, factor=3.0, n_boot=200)
+    row = R.high_norm_takeover_check("3.2", clean, plain, smoke, factor=3.0, n_boot=200)
     assert row.agrees is True and "90% without registers, 0% with" in row.ours
     some_left = _norm_trace([1] * 5 + [0] * 45, 4)                           # 10% of the images keep one
-    assert C.high_norm_takeover_check("3.2", some_left, plain, smoke, factor=3.0, n_boot=200).agrees is False
+    assert R.high_norm_takeover_check("3.2", some_left, plain, smoke, factor=3.0, n_boot=200).agrees is False
     no_outliers = _norm_trace([0] * 50, 0)                                   # nothing to take over
-    assert C.high_norm_takeover_check("3.2", clean, no_outliers, smoke, factor=3.0, n_boot=200).agrees is False
+    assert R.high_norm_takeover_check("3.2", clean, no_outliers, smoke, factor=3.0, n_boot=200).agrees is False
     few = _norm_trace([1] * 20 + [0] * 30, 0)                                # 40%: not most images
-    assert C.high_norm_takeover_check("3.2", clean, few, smoke, factor=3.0, n_boot=200).agrees is False
+    assert R.high_norm_takeover_check("3.2", clean, few, smoke, factor=3.0, n_boot=200).agrees is False
     other = dict(clean, image_ids=np.array([f"x{i}.jpg" for i in range(50)]))
     from regcls.errors import RegclsError
     with pytest.raises(RegclsError):                                         # a paired contrast needs the same images
-        C.high_norm_takeover_check("3.2", other, plain, smoke, factor=3.0).agrees
-    row = C.high_norm_takeover_check("3.2", None, None, PROFILES["smoke-laptop"], factor=3.0)
+        R.high_norm_takeover_check("3.2", other, plain, smoke, factor=3.0).agrees
+    row = R.high_norm_takeover_check("3.2", None, None, PROFILES["smoke-laptop"], factor=3.0)
     assert row.agrees is None and "needs g" in row.ours
 
 # --- Appendix (Figs. 7-9): the rows of other training recipes, on synthetic numbers ------------------------------
@@ -259,7 +260,7 @@ DINOV2_CKA = {"S": 0.97, "B": 0.93, "L": 0.2}     # the smaller sizes' patch-onl
      "a deep random ViT over a shallow one: the layer-wise half alone passes, the disconnect is missing"),
 ])
 def test_the_mirrors_dinov2_rule_on_both_sides(pen, patch_cka, ok, why):
-    row = C.appendix_mirrors_check("CLIP", _layer_cosines(pen), _skip_outputs(patch_cka), PROFILES["smoke"], [],
+    row = R.appendix_mirrors_check("CLIP", _layer_cosines(pen), _skip_outputs(patch_cka), PROFILES["smoke"], [],
                                    n_boot=100)
     assert row.agrees is ok, f"{why}: {row.rule}"
     assert row.claim.startswith("CLIP mirrors DINOv2") and "paired" in row.rule
@@ -273,7 +274,7 @@ def test_the_mirrors_dinov2_rule_on_both_sides(pen, patch_cka, ok, why):
     ({"S": 0.97, "B": 0.2, "L": 0.45}, False, "not monotone: B below L"),
 ])
 def test_the_disconnect_rule_on_both_sides(patch_cka, ok, why):
-    row = C.appendix_disconnect_check("CLIP", _skip_outputs(patch_cka), PROFILES["smoke"], [], n_boot=100)
+    row = R.appendix_disconnect_check("CLIP", _skip_outputs(patch_cka), PROFILES["smoke"], [], n_boot=100)
     assert row.agrees is ok, f"{why}: {row.rule}"
 
 
@@ -285,10 +286,10 @@ def test_the_disconnect_rule_on_both_sides(patch_cka, ok, why):
     ({"S": (12, 12), "H": (2, 12)}, False, False, "the smoke stand-ins: S integrates at its last block, H early"),
 ])
 def test_the_deit3_integration_rules_on_both_sides(cross, early, flat, why):
-    rows = C.appendix_integration_checks("DeiT III", _crossing_at(cross), PROFILES["smoke"], [], n_boot=100)
+    rows = R.appendix_integration_checks("DeiT III", _crossing_at(cross), PROFILES["smoke"], [], n_boot=100)
     assert [r.agrees for r in rows] == [early, flat], f"{why}: {[r.rule for r in rows]}"
-    assert [r.claim for r in rows] == [C.appendix_row("early", "DeiT III")[0],
-                                       C.appendix_row("no-size-relation", "DeiT III")[0]]
+    assert [r.claim for r in rows] == [R.appendix_row("early", "DeiT III")[0],
+                                       R.appendix_row("no-size-relation", "DeiT III")[0]]
 
 
 def test_an_uncertain_integration_depth_is_no_evidence_of_no_size_relation():
@@ -298,7 +299,7 @@ def test_an_uncertain_integration_depth_is_no_evidence_of_no_size_relation():
           for s, L in (("S", 12), ("H", 32))}
     for v in lc.values():
         v[:, -1] = 1.0
-    rows = C.appendix_integration_checks("DeiT III", lc, PROFILES["smoke"], [], n_boot=200)
+    rows = R.appendix_integration_checks("DeiT III", lc, PROFILES["smoke"], [], n_boot=200)
     assert rows[1].agrees is False, rows[1].rule
 
 
@@ -306,22 +307,22 @@ def test_the_depth_fraction_is_the_integration_depth():
     rng = np.random.default_rng(0)
     layers = rng.standard_normal((20, 6, 16)).cumsum(1)   # (n, blocks, D): a [CLS] drifting towards its last state
     trace = {"cls_layers": layers}
-    assert C.depth_fraction(M.layer_cosine(trace)) == M.integration_depth(trace)
-    assert C.depth_fraction(M.layer_cosine(trace), 0.5) == M.integration_depth(trace, 0.5)
+    assert R.depth_fraction(M.layer_cosine(trace)) == M.integration_depth(trace)
+    assert R.depth_fraction(M.layer_cosine(trace), 0.5) == M.integration_depth(trace, 0.5)
 
 
 def test_a_family_that_could_not_be_traced_reads_not_computed_in_every_row():
     smoke = PROFILES["smoke"]
-    rows = C.appendix_not_computed({"iBOT": "no iBOT checkpoint in REGCLS_CHECKPOINTS"}, smoke)
-    computed = [C.appendix_disconnect_check("iBOT", _skip_outputs({"S": 0.9, "L": 0.2}), smoke, [], n_boot=0),
-                C.appendix_mirrors_check("iBOT", _layer_cosines({"S": 0.5, "L": 0.97}),
+    rows = R.appendix_not_computed({"iBOT": "no iBOT checkpoint in REGCLS_CHECKPOINTS"}, smoke)
+    computed = [R.appendix_disconnect_check("iBOT", _skip_outputs({"S": 0.9, "L": 0.2}), smoke, [], n_boot=0),
+                R.appendix_mirrors_check("iBOT", _layer_cosines({"S": 0.5, "L": 0.97}),
                                          _skip_outputs({"S": 0.9, "L": 0.2}), smoke, [], n_boot=0)]
     names = [r.claim for r in rows]
     assert {c.claim for c in computed} < set(names) and len(names) == 3   # the skip row, the disconnect, mirrors
     assert all(C.verdict(r) == "not computed" and "no iBOT checkpoint" in r.ours for r in rows)
-    both = C.appendix_not_computed({"DeiT III": "x", LESS_DATA: "y"}, smoke)   # the tiny row once, not twice
-    assert len(both) == len({r.claim for r in both}) == len(C.FAMILY_ROWS["DeiT III"])
-    assert [r.claim for r in C.appendix_not_computed({LESS_DATA: "y"}, smoke)] == [C.appendix_row("tiny", "DeiT III")[0]]
+    both = R.appendix_not_computed({"DeiT III": "x", LESS_DATA: "y"}, smoke)   # the tiny row once, not twice
+    assert len(both) == len({r.claim for r in both}) == len(R.FAMILY_ROWS["DeiT III"])
+    assert [r.claim for r in R.appendix_not_computed({LESS_DATA: "y"}, smoke)] == [R.appendix_row("tiny", "DeiT III")[0]]
 
 # Sec. 4.1: per-image skip/patch ratios, [CLS] depth curves and post-attention outputs, in the size order. A jump at
 # the last block (S, B: 4 blocks; L: 6), a smooth climb (g: 8 blocks).
@@ -350,17 +351,17 @@ def _skip_views(ratio=GOOD_RATIO, depth=GOOD_DEPTH, patch_cka=GOOD_CKA, n=300, s
 
 
 def test_the_skip_rules_pass_the_papers_pattern():
-    rows = C.skip_checks("4.1", *_skip_views(), PROFILES["smoke"], n_boot=100)
+    rows = R.skip_checks("4.1", *_skip_views(), PROFILES["smoke"], n_boot=100)
     assert [r.agrees for r in rows] == [True, True, True, True], [r.rule for r in rows if not r.agrees]
     # (the old fixed band -- S, B, L below 3, g above 3 and 3x the largest of them -- failed it: g / L is 2.7)
-    assert C.verdict(C.skip_checks("4.1", *_skip_views(), PROFILES["smoke-laptop"])[0]) == "not testable"
+    assert C.verdict(R.skip_checks("4.1", *_skip_views(), PROFILES["smoke-laptop"])[0]) == "not testable"
 
 
 def test_fig5a_fails_when_g_is_not_twice_each_smaller_size_or_the_trend_reverses():
-    rows = C.skip_checks("4.1", *_skip_views(ratio={"S": 1.0, "B": 1.5, "L": 2.2, "g": 3.0}), PROFILES["smoke"],
+    rows = R.skip_checks("4.1", *_skip_views(ratio={"S": 1.0, "B": 1.5, "L": 2.2, "g": 3.0}), PROFILES["smoke"],
                          n_boot=100)
     assert rows[0].agrees is False and "paired g / L skip/patch ratio 1.3" in rows[0].rule
-    rows = C.skip_checks("4.1", *_skip_views(ratio={"S": 2.5, "B": 1.0, "L": 1.0, "g": 6.0}), PROFILES["smoke"],
+    rows = R.skip_checks("4.1", *_skip_views(ratio={"S": 2.5, "B": 1.0, "L": 1.0, "g": 6.0}), PROFILES["smoke"],
                          n_boot=100)   # g is 2.4x S, but the ratio falls 2.5x from S to B
     assert rows[0].agrees is False and "paired g / S skip/patch ratio 2.4" in rows[0].rule
 
@@ -368,34 +369,34 @@ def test_fig5a_fails_when_g_is_not_twice_each_smaller_size_or_the_trend_reverses
 def test_fig5b_jump_fails_for_a_steady_climb_to_085():
     # L climbs steadily to 0.85 and takes its last step: the old rule (g > 0.9, L < g - 0.1) passed it
     climb = list(np.linspace(0.3, 0.85, 5)) + [1.0]
-    rows = C.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "L": climb}), PROFILES["smoke"], n_boot=100)
+    rows = R.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "L": climb}), PROFILES["smoke"], n_boot=100)
     assert rows[1].agrees is False and "L: last block's share of the change 0.2" in rows[1].rule
     # S moves little at all (0.95 -> 1): most of its change is in the last block, but no more than g's
-    rows = C.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "S": [0.94, 0.94, 0.95, 1.0]}), PROFILES["smoke"],
+    rows = R.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "S": [0.94, 0.94, 0.95, 1.0]}), PROFILES["smoke"],
                          n_boot=100)
     assert rows[1].agrees is False and "paired S / g last-block change 1." in rows[1].rule
     # g not yet close to its final [CLS] before the last block (its last step still under half of S's 0.7)
-    rows = C.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "g": list(np.linspace(0.1, 0.8, 7)) + [1.0]}),
+    rows = R.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "g": list(np.linspace(0.1, 0.8, 7)) + [1.0]}),
                          PROFILES["smoke"], n_boot=100)
     assert rows[1].agrees is False and "g penultimate cosine 0.8" in rows[1].rule
     with pytest.MonkeyPatch.context() as m:          # and only that clause fails
-        m.setattr(C, "VERY_SIMILAR", 0.7)
-        rows = C.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "g": list(np.linspace(0.1, 0.8, 7)) + [1.0]}),
+        m.setattr(R, "VERY_SIMILAR", 0.7)
+        rows = R.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "g": list(np.linspace(0.1, 0.8, 7)) + [1.0]}),
                              PROFILES["smoke"], n_boot=100)
         assert rows[1].agrees is True
 
 
 def test_fig5b_smoothly_fails_for_a_giant_that_jumps_mid_depth():
     jumpy = [0.3, 0.3, 0.3, 0.95, 0.96, 0.97, 0.98, 1.0]   # close before the last block, but one block jumps 0.65
-    rows = C.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "g": jumpy}), PROFILES["smoke"], n_boot=100)
+    rows = R.skip_checks("4.1", *_skip_views(depth={**GOOD_DEPTH, "g": jumpy}), PROFILES["smoke"], n_boot=100)
     assert rows[1].agrees is True                          # the last-block rule cannot see it ...
     assert rows[2].agrees is False and "paired S / g largest single-block change 1.0" in rows[2].rule   # ... this can
 
 
 def test_fig6_needs_s_and_b_close_to_one_and_twice_g():
-    rows = C.skip_checks("4.1", *_skip_views(patch_cka={**GOOD_CKA, "B": 0.7}), PROFILES["smoke"], n_boot=100)
+    rows = R.skip_checks("4.1", *_skip_views(patch_cka={**GOOD_CKA, "B": 0.7}), PROFILES["smoke"], n_boot=100)
     assert rows[3].agrees is False and "B patch-only CKA 0.7" in rows[3].rule
-    rows = C.skip_checks("4.1", *_skip_views(patch_cka={"S": 0.97, "B": 0.95, "L": 0.8, "g": 0.6}), PROFILES["smoke"],
+    rows = R.skip_checks("4.1", *_skip_views(patch_cka={"S": 0.97, "B": 0.95, "L": 0.8, "g": 0.6}), PROFILES["smoke"],
                          n_boot=100)
     assert rows[3].agrees is False and "paired S / g patch-only CKA 1." in rows[3].rule
 
@@ -406,32 +407,32 @@ def test_the_orthogonal_image_counts_only_against_s_on_the_same_images():
     small = 0.95 + 0.02 * rng.standard_normal(n)
     large = 0.3 + 0.1 * rng.standard_normal(n)
     large[:20] = rng.uniform(-0.03, 0.03, 20)                      # 5% of the images orthogonal in g, none in S
-    row = C.orthogonal_check("3.4", large, small, PROFILES["smoke"], n_boot=200)
+    row = R.orthogonal_check("3.4", large, small, PROFILES["smoke"], n_boot=200)
     assert row.agrees is True, row.rule
     # a typically aligned g (median 0.6) with an orthogonal tail that S has as well: the old rule (smallest
     # |cos| below 0.05) passed it
     tail = rng.uniform(0.2, 1.0, n)
     large, small = tail.copy(), rng.permutation(tail)
     large[:2], small[2:4] = 0.01, 0.02
-    row = C.orthogonal_check("3.4", large, small, PROFILES["smoke"], n_boot=200)
+    row = R.orthogonal_check("3.4", large, small, PROFILES["smoke"], n_boot=200)
     assert float(np.abs(large).min()) < 0.05 and row.agrees is False and "g - S 0.000" in row.rule
-    row = C.orthogonal_check("3.4", 0.2 + np.abs(rng.normal(0, 0.1, n)), small, PROFILES["smoke"], n_boot=200)
+    row = R.orthogonal_check("3.4", 0.2 + np.abs(rng.normal(0, 0.1, n)), small, PROFILES["smoke"], n_boot=200)
     assert row.agrees is False                                    # no orthogonal image in g at all
-    assert C.verdict(C.orthogonal_check("3.4", large, small, PROFILES["smoke-laptop"])) == "not testable"
+    assert C.verdict(R.orthogonal_check("3.4", large, small, PROFILES["smoke-laptop"])) == "not testable"
 
 
 def test_paired_ratio_is_the_median_of_the_per_image_ratios_and_survives_a_zero():
-    v, lo, hi = C.paired_ratio(np.array([2.0, 4.0, 9.0]), np.array([1.0, 1.0, 3.0]), n_boot=50)
+    v, lo, hi = R.paired_ratio(np.array([2.0, 4.0, 9.0]), np.array([1.0, 1.0, 3.0]), n_boot=50)
     assert v == 3.0 and lo <= v <= hi
-    v, _, _ = C.paired_ratio(np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 1.0]), n_boot=10)
+    v, _, _ = R.paired_ratio(np.array([1.0, 1.0, 1.0]), np.array([0.0, 0.0, 1.0]), n_boot=10)
     assert np.isfinite(v) and v > 1e300
 
 def test_close_to_perfect_is_closer_than_0_9():
     """Sec. 3.3's "close-to-perfect alignment": S at 0.92 would pass a bound of 0.9, but is not close to perfect."""
     smoke = PROFILES["smoke"]
-    near = C.knockout_checks("3.3", _knockout({"S": 0.92, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=0)[0]
+    near = R.knockout_checks("3.3", _knockout({"S": 0.92, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=0)[0]
     assert near.agrees is False and "S patch-only CKA 0.91" in near.rule and "> 0.950" in near.rule
-    close = C.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=0)[0]
+    close = R.knockout_checks("3.3", _knockout({"S": 0.97, "B": 0.98, "L": 0.6, "g": 0.2}, True), smoke, n_boot=0)[0]
     assert close.agrees is True and "read as above 0.95" in close.paper
 
 
@@ -445,9 +446,9 @@ def test_close_to_perfect_is_closer_than_0_9():
 ])
 def test_the_share_ends_rule_on_both_sides(g, ok):
     patch = {"S": np.full(101, 0.95), "B": np.full(101, 0.95), "L": np.full(101, 0.2), "g": g}
-    row = C.share_ends_check("3.1", patch, PROFILES["smoke"])
+    row = R.share_ends_check("3.1", patch, PROFILES["smoke"])
     assert row.agrees is ok and "95th percentile" in row.rule and "5th percentile" in row.rule
-    assert C.share_ends_check("3.1", {s: patch[s] for s in ("S", "B")}, PROFILES["smoke-laptop"]).agrees is None
+    assert R.share_ends_check("3.1", {s: patch[s] for s in ("S", "B")}, PROFILES["smoke-laptop"]).agrees is None
 
 
 def _register_patch(shared_weight: float, n=200, d=6, seed=0):
@@ -464,9 +465,9 @@ def _register_patch(shared_weight: float, n=200, d=6, seed=0):
 
 def test_the_register_patch_rule_on_both_sides():
     smoke = PROFILES["smoke"]
-    apart = C.register_patch_check("3.3", _register_patch(0.0), smoke, n_boot=50)    # independent: CKA near 0
+    apart = R.register_patch_check("3.3", _register_patch(0.0), smoke, n_boot=50)    # independent: CKA near 0
     assert apart.agrees is True and apart.rule.startswith("g: CKA register-only vs patch-only 0.0")
-    alike = C.register_patch_check("3.3", _register_patch(3.0), smoke, n_boot=50)    # mostly shared: CKA near 0.8
+    alike = R.register_patch_check("3.3", _register_patch(3.0), smoke, n_boot=50)    # mostly shared: CKA near 0.8
     assert alike.agrees is False and "< 0.500" in alike.rule
-    assert C.register_patch_check("3.3", {s: v for s, v in _register_patch(0.0).items() if s in "SB"},
+    assert R.register_patch_check("3.3", {s: v for s, v in _register_patch(0.0).items() if s in "SB"},
                                   PROFILES["smoke-laptop"]).agrees is None

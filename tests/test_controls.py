@@ -145,7 +145,7 @@ def test_random_networks_fail_the_mirrors_dinov2_rule_and_the_planted_pattern_pa
     deeper residual stream settles before its last block: the layer-wise half alone passes, the disconnect is
     missing), fail every "mirrors DINOv2" row; the planted pattern (the DeiT III stand-ins: a patch integrator, then a
     skip-dominated model) passes it."""
-    from regcls.claims import appendix_mirrors_check
+    from regcls.rules import appendix_mirrors_check
     from regcls.profiles import _tiny
 
     def row(family, specs):

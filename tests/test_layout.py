@@ -6,7 +6,7 @@ from pathlib import Path
 LIB = Path(__file__).resolve().parents[1] / "lib" / "regcls"
 # bottom to top: a module may import the ones before it
 LAYERS = ["errors", "env", "files", "download", "testtime", "profiles", "planted", "data", "models", "metrics", "ablation", "maps", "probe", "tracefile", "trace", "precision", "runner", "launch",
-          "cache", "claims", "plots", "page", "doctor", "bench", "gpucheck", "cli", "__main__"]
+          "cache", "claims", "rules", "plots", "page", "doctor", "bench", "gpucheck", "cli", "__main__"]
 PACKAGE = {"__version__", "REPOSITORY"}   # the package's own attributes (regcls/__init__.py imports only errors)
 
 

@@ -132,7 +132,7 @@ def test_closeness_is_judged_against_the_output_without_bias():
 # ------------------------------------------------------- the chapter's claims on the planted known answers
 
 def test_the_maps_claims_on_the_planted_known_answers(controls, smoke):
-    from regcls.claims import maps_checks
+    from regcls.rules import maps_checks
 
     equal = maps_checks("Beyond", controls["equal value norms"], smoke, label="equal", n_boot=100)
     assert [r.agrees for r in equal] == [False, False]     # one ranking, the same top patches: no difference

@@ -109,6 +109,28 @@ def test_chapter_page(site, browser, chapter):
     page.close()
 
 
+def test_the_claims_page_counts_its_rows_and_says_why_a_smoke_row_disagrees(site, browser):
+    """The counts at the top equal the table's rows by verdict; on the smoke profile every expected "no" carries its
+    reason (the MathJax, banner and console checks run in test_chapter_page)."""
+    import re
+    page = browser.new_page()
+    page.goto(f"{site}/chapters/summary_claims.html", wait_until="load")
+    text = page.inner_text("article")
+    m = re.search(r"(\d+) claim rows on the smoke profile: (\d+) yes, (\d+) no, (\d+) not testable, (\d+) not computed", text)
+    assert m, text[:2000]
+    total, counts = int(m.group(1)), dict(zip(("yes", "no", "not testable", "not computed"), map(int, m.groups()[1:])))
+    head = page.eval_on_selector_all(".cell_output table thead th", "els => els.map(e => e.innerText.trim())")
+    rows = page.eval_on_selector_all(".cell_output table tbody tr",
+                                     "els => els.map(r => Array.from(r.querySelectorAll('td')).map(c => c.innerText.trim()))")
+    col = {name: i for i, name in enumerate(head)}
+    assert len(rows) == total >= 40 and sum(counts.values()) == total
+    for v, n in counts.items():
+        assert sum(r[col["agrees"]].split(" (stale")[0] == v for r in rows) == n, v
+    notes = [r[col["on the smoke profile"]] for r in rows]
+    assert all(n == "expected: yes" or n.startswith("expected: no -- ") for n in notes), notes
+    page.close()
+
+
 def test_intro_draws_its_figure(site, browser):
     page = browser.new_page()
     page.goto(f"{site}/book/intro.html", wait_until="load")

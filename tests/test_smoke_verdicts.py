@@ -1,5 +1,6 @@
 """The chapters check their own verdicts: on the smoke profile every planted pattern has a known answer, so
-every claim row has an expected verdict. A change in any row fails here, naming the row.
+every claim row has an expected verdict (``regcls.rules.SMOKE_EXPECTED``, which the claims page shows beside each
+row). A change in any row fails here, naming the row.
 
 ``make test`` runs the chapter notebooks before this file (they record their claims in ``REGCLS_CACHE``); run
 alone, this test executes the chapters first.
@@ -7,80 +8,8 @@ alone, this test executes the chapters first.
 import pytest
 
 from regcls.claims import collect
+from regcls.rules import SMOKE_EXPECTED as EXPECTED, smoke_expectation
 
-# (chapter record, start of the claim) -> expected verdict; rows expected to disagree say why.
-EXPECTED = {
-    ("3.1", "Large models attend more to registers"): True,
-    ("3.1", "The giant model's share varies strongly"): (False, "per-image variation is not planted: the "
-                                                          "register reader attends to registers on every image"),
-    ("3.2", "The same register has the highest norm"): (False, "the planted high-norm register (60 in 4 reserved "
-                                                         "dimensions) is about 5x the largest patch, not 10x"),
-    ("3.2", "Its mean pairwise cosine across images is 0.9989"): True,
-    ("3.2", "A few outlier dimensions dominate the vector"): (False, "the planted register keeps its constant marker "
-                                                              "dimensions besides the outliers: without its top 5 dims "
-                                                              "it is still more alike across images (0.82) than the "
-                                                              "[CLS] (0.58)"),
-    ("3.2", "LayerNorm scales the outlier dimensions down"): True,
-    ("3.2", "What keys and values read"): True,
-    ("3.2", "The token still carries image-specific content"): True,
-    ("3.2", "Registers take over the role of high-norm patch tokens"): (False, "no high-norm patch is planted in the "
-                                                                         "skip-dominated g without registers: there "
-                                                                         "is nothing to take over"),
-    ("3.3", "Small models: the patch-only output matches"): True,
-    ("3.3", "Patch-only CKA collapses as size grows"): True,
-    ("3.3", "In giant, the register-only output matches better"): True,
-    ("3.3", "One-shot accuracy from patch-only outputs is poor"): True,
-    ("3.3", "The register-only and patch-only outputs have low CKA"): True,
-    ("3.4", "Maps with registers are cleaner"): (False, "no map pattern is planted: the register reader's strong "
-                                                 "constant query over LayerNorm-ed keys makes its patch attention "
-                                                 "peakier than the skip-dominated model's random one"),
-    ("3.4", "For the example image the patch-based output is orthogonal"): True,
-    ("3.4", "Not every image is this extreme"): True,
-    ("3.4", "The attention map (patch term) explains only part"): True,
-    ("4.1", "S, B and L use both the skip term and the patches"): True,
-    ("4.1", "S, B, L jump at the last layer"): True,
-    ("4.1", "Giant converges to the final [CLS] more smoothly"): True,
-    ("4.1", "For large models the patch-based output does not represent"): True,
-    ("App.", "DeiT III: attention to the skip path grows with size"): True,
-    ("App.", "CLIP: attention to the skip path grows with size"): (False, "the CLIP stand-ins are random-"
-                                                                    "initialised: no pattern is planted"),
-    ("App.", "iBOT: attention to the skip path grows with size"): (False, "the iBOT stand-ins are random-"
-                                                                    "initialised: no pattern is planted"),
-    ("App.", "DeiT III: the disconnect grows with size"): True,
-    ("App.", "CLIP: the disconnect grows with size"): (False, "the CLIP stand-ins are random-initialised"),
-    ("App.", "iBOT: the disconnect grows with size"): (False, "the iBOT stand-ins are random-initialised"),
-    ("App.", "DeiT III, trained with drop-path, still shows the violation"): True,
-    ("App.", "ImageNet repeat of Fig. 3a: Small models"): True,
-    ("App.", "ImageNet repeat of Fig. 3a: Patch-only CKA collapses"): (
-        False, "on the labelled crops the planted g keeps a higher patch-only CKA than L (0.54 vs 0.47): not monotone"),
-    ("App.", "ImageNet repeat of Fig. 3a: In giant"): True,
-    ("App.", "DeiT III: the tiny model (less data) behaves like the huge one"): True,
-    ("App.", "DeiT III integrates early at every size"): (False, "the S stand-in is a patch integrator, which "
-                                                           "integrates at the last block"),
-    ("App.", "DeiT III: no clear relationship between model size and early"): (
-        False, "the stand-ins plant a size relation: the patch-integrating S reaches the final [CLS] only at its last "
-               "block, the skip-dominated H at its first"),
-    ("App.", "CLIP mirrors DINOv2"): (False, "random-initialised stand-ins: no DINOv2 pattern"),
-    ("App.", "iBOT mirrors DINOv2"): (False, "random-initialised stand-ins: no DINOv2 pattern"),
-    ("Beyond", "DINOv3: larger distilled students attend more to their registers"): True,
-    ("Beyond", "DINOv3: in the largest distilled student the register-only output"): True,
-    ("Beyond", "DINOv3: in the largest distilled student the patch-based output is far"): True,
-    ("Beyond", "Test-time register: it takes over the high norm"): True,
-    ("Beyond", "Test-time register: no patch stays a high-norm outlier"): True,
-    ("Beyond", "Replacement: at the largest size the registers carry image information"): True,
-    ("Beyond", "Replacement: at the largest size the mean of the registers' part serves"): (
-        False, "the planted register reader's registers carry the image: their mean cannot stand in for them"),
-    ("Beyond", "Replacement: in the smallest model the register part is an offset"): True,
-    ("Beyond", "Fix-Reg-Mean: at the largest size registers fixed to their mean"): (
-        False, "the planted register reader reads the image from its registers: fixed, they carry none"),
-    ("Beyond", "Maps: at the largest size the attention map and the contribution-norm map rank"): (
-        False, "no value norms are planted in the register reader: its patch values reach the output alike, so "
-               "contributions follow the attention"),
-    ("Beyond", "Maps: at the largest size the top 10% of the patches by contribution rebuild"): (
-        False, "no value norms are planted in the register reader: its contributions follow the attention (Spearman "
-               "0.99), so the two top-10% sets nearly coincide and rebuild the patch part alike (paired CKA "
-               "difference -0.001 [-0.003, 0.003])"),
-}
 
 
 def _expected(verdict):
@@ -139,3 +68,19 @@ def test_a_violation_at_an_intermediate_size_flips_the_size_rules(monkeypatch):
             assert len(row) == 1, start
             assert _expected(EXPECTED[row[0].section, start]) is True       # agrees on smoke ...
             assert row[0].agrees is False, f"{start!r} still agrees with B planted like g: {row[0].rule}"
+
+
+def test_the_claims_page_gives_the_reason_of_every_expected_no():
+    """What the claims page shows beside each row on the smoke profile comes from the list this file holds the rows
+    to: an expected "no" says why, in the words of SMOKE_EXPECTED."""
+    from regcls.claims import ClaimCheck, verdict_counts
+    from regcls.rules import smoke_note
+
+    rows = [ClaimCheck(section, start + " ...", "p", "o", _expected(v), "smoke") for (section, start), v in EXPECTED.items()]
+    for (key, v), row in zip(EXPECTED.items(), rows):
+        assert smoke_expectation(row) == ((v[0], v[1]) if isinstance(v, tuple) else (v, ""))
+        note = smoke_note(row)
+        assert note == "expected: yes" if _expected(v) else note == f"expected: no -- {v[1]}" and len(v[1]) > 20
+    assert smoke_note(ClaimCheck("9.9", "unknown", "p", "o", True, "smoke")) == "not listed in SMOKE_EXPECTED"
+    counts = verdict_counts(rows)
+    assert sum(counts.values()) == len(rows) and counts["no"] == sum(not _expected(v) for v in EXPECTED.values())
