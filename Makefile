@@ -51,7 +51,7 @@ bench: venv
 # where there is one, else with the machine's own python3 (a GPU machine with its own torch: PYTHONPATH=lib).
 GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	PYTHONPATH=lib $(GPU_PY) -m regcls.gpucheck --budget $(or $(BUDGET),420) --json gpu-check.json
+	PYTHONPATH=lib$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m regcls.gpucheck --budget $(or $(BUDGET),420) --json gpu-check.json
 
 clean:
 	rm -rf _build

@@ -166,6 +166,22 @@ def test_a_precision_decision_is_remembered_by_what_decides_it(tmp_path, monkeyp
     assert calls == ["bf16"] * 4
 
 
+def test_the_weights_digest_is_paid_once_per_model_until_a_weight_changes():
+    model = narrow_model()
+    with Ops() as first:
+        digest = Pr.weights_digest(model)
+    with Ops() as again:
+        assert Pr.weights_digest(model) == digest
+    assert len(first.names) > 50 and again.names == []            # remembered: no operation at all
+    with torch.no_grad():
+        model.blocks[1].norm1.weight.mul_(1.5)                      # changed in place
+    assert Pr.weights_digest(model) != digest
+    other = narrow_model()
+    other.load_state_dict(model.state_dict())                       # copied in: the same weights, the same digest
+    assert Pr.weights_digest(other) == Pr.weights_digest(model)
+    assert "_regcls_weights_digest" not in model.state_dict()
+
+
 def test_float16_that_overflows_fails_its_check_and_the_next_step_is_taken(tmp_path, monkeypatch):
     """float16 holds at most 65504: a model whose first block's norm scales its output by 1e5 overflows under float16
     autocast (not under bfloat16, which has float32's range); the check counts the values that are not finite and

@@ -159,6 +159,20 @@ def test_device_benchmark_and_projection_run_on_the_cpu():
     assert proj["total_seconds"] == pytest.approx(proj["trace_seconds"] + proj["check_seconds"] + proj["load_seconds"])
 
 
+def test_an_unmeasured_trace_is_projected_from_the_measured_model_nearest_in_flops(monkeypatch):
+    job = {"arch": "vit_giant_patch14_reg4_dinov2", "dataset": "coco-val2017", "images": 1000, "img_size": 518,
+           "crop_pct": 1.0}
+    monkeypatch.setattr(bench, "paper_workload", lambda: [job])
+    with torch.device("meta"):
+        gflop = bench.flops_per_image(create(job["arch"], pretrained=False, img_size=518)) / 1e9
+    small = {"model": "s", "img": 224, "gflop_per_img": 10.0, "end_to_end_img_per_s": 1000.0, "check_s": 1.0}
+    large = {"model": "g", "img": 224, "gflop_per_img": 300.0, "end_to_end_img_per_s": 100.0, "check_s": 3.0}
+    proj = bench.project_paper([small, small, large])    # a median would take the small model's 10 TFLOP/s
+    assert proj["flop_scaled"] == 1
+    assert proj["trace_seconds"] == pytest.approx(1000 * gflop / 30_000)            # the large model's 30 TFLOP/s
+    assert proj["check_seconds"] == pytest.approx(3.0 * gflop / 300)
+
+
 def test_gpu_peaks_by_name_and_a_clear_error_without_cuda(capsys):
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert bench.peak_tflops("Tesla T4", "fp16") == 65.0 and bench.peak_tflops("NVIDIA H200", "fp16") == 989.0

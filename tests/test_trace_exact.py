@@ -253,6 +253,28 @@ def test_bfloat16_autocast_keeps_the_traces_own_arithmetic_in_float32(family):
     np.testing.assert_allclose(tr["attn_mass"].sum(-1).numpy(), 1.0, atol=1e-6)   # a float32 softmax
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bfloat16 x bfloat16 -> float32 product is CUDA's")
+def test_on_a_gpu_the_cls_row_from_bfloat16_keys_equals_the_widened_keys():
+    """On CUDA the [CLS] scores come from the bfloat16 keys with float32 sums and output (``bmm(out_dtype=)``):
+    the same row as widening the keys first, to float32 precision (an H200 gave 4.7e-10)."""
+    from regcls.trace import _cls_row, own_arithmetic
+
+    model = tiny("dinov2_reg4", dtype=torch.float32).cuda()
+    seen = []
+    h = model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.forward_features(images(model, dtype=torch.float32).cuda())
+    h.remove()
+    a, qkv = model.blocks[0].attn, seen[0]
+    assert qkv.dtype == torch.bfloat16
+    with torch.no_grad(), own_arithmetic("cuda"):
+        got, _ = _cls_row(a, qkv)
+        B, N, _ = qkv.shape
+        s = qkv.reshape(B, N, 3, a.num_heads, a.head_dim).double()
+        want = (s[:, :, 1].transpose(1, 2) @ (s[:, 0, 0] * a.scale).unsqueeze(-1)).squeeze(-1).softmax(-1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
 def test_a_dinov3_model_runs_as_before_after_a_trace():
     """The trace lets Eva add its qkv bias after the projection while it is attached (so that its hook sees the
     projection); detached, the model computes as before, and the bf16 check reads Eva's LayerScale."""

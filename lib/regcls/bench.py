@@ -9,6 +9,7 @@ FLOPs utilisation. Random-initialised full-size models and synthetic images: the
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -413,14 +414,17 @@ def paper_workload() -> list[dict]:
 
 def project_paper(rows: list[dict], ready: dict | None = None) -> dict:
     """Time of every trace of the paper workload on this device: the images at the measured end-to-end rates
-    where the benchmark ran the same model at the same resolution, else FLOPs over the median end-to-end FLOP
-    rate measured; plus each trace's precision check (measured per model where it ran, else scaled by FLOPs)
+    where the benchmark ran the same model at the same resolution, else FLOPs over the end-to-end FLOP rate of
+    the measured model nearest in FLOPs per image (a small model uses a GPU less well than a large one: a median
+    over the models measured moves with which of them a short window reached); plus each trace's precision check
+    (measured per model where it ran, else scaled by FLOPs from the nearest)
     and, with ``ready`` (:func:`model_ready`), each distinct model's loading, scaled by its weights' size."""
     rows = [r for r in rows if "skipped" not in r]
     rate = {(r["model"], r["img"]): r["end_to_end_img_per_s"] for r in rows}
     check = {(r["model"], r["img"]): r["check_s"] for r in rows}
-    flop_rate = statistics.median(r["gflop_per_img"] * r["end_to_end_img_per_s"] for r in rows)  # GFLOP/s
-    check_per_gflop = statistics.median(r["check_s"] / r["gflop_per_img"] for r in rows)
+
+    def nearest(gflop: float) -> dict:
+        return min(rows, key=lambda r: abs(math.log(r["gflop_per_img"] / gflop)))
     total, checks, loads, measured, scaled, seen = 0.0, 0.0, 0.0, 0, 0, set()
     for job in paper_workload():
         with torch.device("meta"):
@@ -431,9 +435,10 @@ def project_paper(rows: list[dict], ready: dict | None = None) -> dict:
             total += job["images"] / rate[key]
             measured += 1
         else:
-            total += job["images"] * gflop / flop_rate
+            near = nearest(gflop)
+            total += job["images"] * gflop / (near["gflop_per_img"] * near["end_to_end_img_per_s"])
             scaled += 1
-        checks += check.get(key, check_per_gflop * gflop)
+        checks += check[key] if key in check else nearest(gflop)["check_s"] * gflop / nearest(gflop)["gflop_per_img"]
         if ready and (job["arch"], job["img_size"]) not in seen:
             seen.add((job["arch"], job["img_size"]))
             loads += ready["ready_s"] / ready["file_gb"] * sum(p.numel() for p in model.parameters()) * 4 / 1e9
