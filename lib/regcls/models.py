@@ -285,7 +285,7 @@ def build(spec: ModelSpec, img_size: int, checkpoint: str | Path | None = None) 
         model.eval()
         tt = spec.testtime
         neurons = dict(tt.neurons) or find_outlier_neurons(
-            model, calibration_images(model, tt.calibration, tt.images, img_size), tt.top_k)
+            model, calibration_images(model, tt.calibration, tt.images, img_size), tt.top_k, tt.search)
         TestTimeRegister(model, neurons).attach()
     if spec.fix_registers is not None:
         model.eval()

@@ -34,8 +34,10 @@ then fixes the last block:
     (their position embedding carries a marker in reserved dimensions that nothing else writes) and write into
     reserved dimensions O that nothing else writes: those patches become high-norm outliers, as DINOv2 without
     registers makes them. Expected: :func:`regcls.testtime.find_outlier_neurons` with ``top_k=2`` finds exactly
-    those units; without a test-time register an outlier patch has the highest norm entering the last block, with
-    one the test-time register has it, and no patch is an outlier any more.
+    those units (the published search, with an absolute threshold of the planted scale,
+    :data:`regcls.profiles.PLANTED_THRESHOLD`, for DINOv2-L's 150); without a test-time register an outlier patch
+    has the highest norm entering the last block, with one the test-time register has it, and no patch is an
+    outlier any more.
 ``constant_registers`` (known answer for the replacement controls, needs registers)
     A patch integrator (uniform last-block attention) whose registers carry a huge constant in reserved
     dimensions E that nothing else writes, and whose last-block values read E strongly: the register part of the
