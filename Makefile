@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?=
 export REGCLS_PROFILE := $(PROFILE)
+# where make book builds: BOOK_OUT/_build (the tests build elsewhere, never into the working tree's _build)
+BOOK_OUT ?= .
 
 .PHONY: book test venv clean bench rehearsal mutate gpu-check
 
@@ -26,8 +28,9 @@ book: venv
 	echo "building the book on the $$prof profile"; \
 	if [ -n "$(GPUS)" ]; then REGCLS_PROFILE=$$prof $(VENV)/bin/torchrun --standalone --nproc-per-node $(GPUS) \
 	  -m regcls cache --profile $$prof || exit 1; fi; \
-	$(PY) -c "from regcls.cache import prepare_build; prepare_build('_build', '$$prof', always=['chapters/summary_claims.ipynb'])" && \
-	REGCLS_PROFILE=$$prof $(VENV)/bin/jupyter-book build . --warningiserror --nitpick --keep-going
+	$(PY) -c "from regcls.cache import prepare_build; prepare_build('$(BOOK_OUT)/_build', '$$prof', always=['chapters/summary_claims.ipynb'])" && \
+	REGCLS_RECORDS=$(abspath $(BOOK_OUT))/_build/records REGCLS_PROFILE=$$prof $(VENV)/bin/jupyter-book build . \
+	  --path-output $(BOOK_OUT) --warningiserror --nitpick --keep-going
 
 # The chapters run first: they record the smoke claims that tests/test_smoke_verdicts.py checks.
 test: venv

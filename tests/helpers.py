@@ -19,6 +19,8 @@ FAMILIES = {  # name -> (timm arch, overrides)
     "dinov3": ("vit_small_patch16_dinov3", dict(img_size=48)),
     "dinov3_qkvb": ("vit_small_patch16_dinov3_qkvb", dict(img_size=48)),
     "dinov3_swiglu": ("vit_huge_plus_patch16_dinov3", dict(img_size=48)),
+    # EVA02 (timm's Eva with separate q, k, v projections, rotary embedding on every patch, no LayerScale)
+    "eva02": ("eva02_large_patch14_448", dict(img_size=56)),
 }
 
 
@@ -31,8 +33,9 @@ def tiny(family: str, seed: int = 0, dtype=torch.float64):
             for gamma in layer_scales(blk):   # timm's ViT (ls1, ls2) or Eva (gamma_1, gamma_2)
                 if gamma is not None:
                     gamma.uniform_(0.2, 1.0)
-            if blk.attn.qkv.bias is not None:
-                blk.attn.qkv.bias.normal_(0, 0.1)
+            for proj in (blk.attn.qkv,) if blk.attn.qkv is not None else (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.1)
             if getattr(blk.attn, "q_bias", None) is not None:   # Eva's biases, added after the projection
                 blk.attn.q_bias.normal_(0, 0.3)
                 blk.attn.v_bias.normal_(0, 0.3)

@@ -316,3 +316,34 @@ def test_a_chapter_records_what_it_read_and_its_peak_memory(monkeypatch, smoke, 
     (t,) = saved["traces"]
     assert (t["arch"], t["dataset"], t["img_size"], t["images"]) == (spec.arch, smoke.dataset, 28, 125)
     assert dict(t["overrides"]) == dict(spec.overrides) and 0.05 < saved["peak_rss_gb"] < 24 and saved["seconds"] == 1.5
+
+
+def test_a_page_shows_the_time_its_numbers_took_its_cached_traces_included(monkeypatch, smoke, tmp_path):
+    """A chapter rerun on cached traces takes seconds; the page's time counts what computing those traces took
+    (recorded in each trace file), and not a trace this run computed itself twice."""
+    import time
+
+    from regcls import cache, page
+
+    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cache, "READ", {})
+    monkeypatch.setattr(page, "READ", cache.READ)
+    glued = {}
+    monkeypatch.setattr(page, "glue", lambda name, value, display=False: glued.__setitem__(name, value))
+    spec = smoke.model("S", True)
+    meta = cache.trace_for(smoke, spec, img_size=28, progress=False)["meta"]
+    assert meta["trace_seconds"] > 0 and meta["computed_on"]
+    (computed,) = cache.READ.values()
+    assert computed["computed_here"] and computed["seconds"] == meta["trace_seconds"]
+    computed["seconds"] = 100.0                                   # already inside this run's time: not added
+    line = page.finish(time.time() - 2.0)
+    assert glued["run_seconds"] == pytest.approx(2.0, abs=0.5) and "from the cache" not in line
+    cache.READ.clear()
+    cache.trace_for(smoke, spec, img_size=28, progress=False)     # read from the cache this time
+    (read,) = cache.READ.values()
+    assert not read["computed_here"] and read["seconds"] == meta["trace_seconds"]
+    cache.READ["another"] = {"seconds": 100.0, "computed_here": False, "computed_on": "an H200"}
+    cache.READ["an old trace"] = {"seconds": None, "computed_here": False}
+    line = page.finish(time.time() - 2.0)
+    assert glued["run_seconds"] == pytest.approx(2.0 + meta["trace_seconds"] + 100.0, abs=0.5)
+    assert "the 3 traces it read from the cache took" in line and "1 of them from before" in line and "H200" in line

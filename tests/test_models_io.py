@@ -240,3 +240,69 @@ def test_a_change_in_the_code_that_makes_a_trace_changes_its_cache_key(tmp_path,
     assert first["meta"]["cache_key"] != second["meta"]["cache_key"]
     assert {**first["meta"], "cache_key": 0} == {**second["meta"], "cache_key": 0}
     assert len(set((tmp_path / "c" / "stores").rglob("*.npz")) - stores) == 1
+
+
+def _legacy_hf_names(sd: dict) -> dict:
+    """transformers 5's names back to those of the hub's DINOv2 files (what a user downloads)."""
+    out = {}
+    for k, v in sd.items():
+        for new, old in ((".attention.q_proj.", ".attention.attention.query."), (".attention.k_proj.", ".attention.attention.key."),
+                         (".attention.v_proj.", ".attention.attention.value."), (".attention.o_proj.", ".attention.output.dense."),
+                         (".mlp.down_proj.", ".mlp.weights_out.")):
+            k = k.replace(new, old)
+        out[k] = v
+    for k in [k for k in out if ".mlp.gate_proj." in k]:
+        up = k.replace("gate_proj", "up_proj")
+        out[k.replace("gate_proj", "weights_in")] = torch.cat([out.pop(k), out.pop(up)])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "registers", "swiglu", "classifier"])
+@pytest.mark.parametrize("names", ["hub", "transformers5"])
+def test_a_hugging_face_dinov2_checkpoint_loads_and_computes_what_transformers_computes(tmp_path, kind, names):
+    """A Dinov2Model / Dinov2WithRegistersModel (random weights, random LayerScale) saved as the hub saves it: loaded
+    with --checkpoint into the timm model, the final tokens equal transformers' own last_hidden_state in float64."""
+    from safetensors.torch import save_file
+    from transformers import (Dinov2Config, Dinov2ForImageClassification, Dinov2Model, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersModel)
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=192, image_size=56,
+                  patch_size=14)
+    if kind == "registers":
+        hf, arch = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**common, num_register_tokens=4)), \
+            "vit_small_patch14_reg4_dinov2"
+    elif kind == "classifier":
+        hf, arch = Dinov2ForImageClassification(Dinov2Config(**common, num_labels=5)), "vit_small_patch14_dinov2"
+    else:
+        hf = Dinov2Model(Dinov2Config(**common, use_swiglu_ffn=kind == "swiglu"))
+        arch = "vit_giant_patch14_dinov2" if kind == "swiglu" else "vit_small_patch14_dinov2"
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "lambda1" in name or "register_tokens" in name or "cls_token" in name:
+                p.normal_()   # LayerScale and tokens away from their initial values: a wrong mapping shows
+            if "cls_token" in name or "position_embeddings" in name:
+                # timm's filter folds the [CLS] position into the token in float32: values with short mantissas
+                # (bfloat16's) add exactly, so that the comparison can stay at float64 precision
+                p.copy_(p.bfloat16().float())
+    hf = hf.double().eval()
+    sd = {k: v.float().contiguous() for k, v in hf.state_dict().items()}
+    save_file(_legacy_hf_names(sd) if names == "hub" else sd, str(tmp_path / "model.safetensors"))
+    model = create(arch, pretrained=False, img_size=56, overrides=dict(embed_dim=48, depth=2, num_heads=3))
+    load_checkpoint(model, tmp_path / "model.safetensors")
+    model = model.double().eval()
+    x = torch.randn(2, 3, 56, 56, dtype=torch.float64)
+    with torch.no_grad():
+        want = (hf.dinov2 if kind == "classifier" else hf)(pixel_values=x).last_hidden_state
+        got = model.forward_features(x)
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-10, atol=1e-10)
+
+
+def test_a_hugging_face_checkpoint_with_unknown_keys_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"embeddings.patch_embeddings.projection.weight": torch.zeros(48, 3, 14, 14),
+               "encoder.layer.0.attention.rotary.weight": torch.zeros(4)}, str(tmp_path / "odd.safetensors"))
+    model = create("vit_small_patch14_dinov2", pretrained=False, img_size=56, overrides=dict(embed_dim=48, depth=2, num_heads=3))
+    with pytest.raises(RegclsError, match="does not know: encoder.layer.0.attention.rotary.weight"):
+        load_checkpoint(model, tmp_path / "odd.safetensors")

@@ -47,7 +47,7 @@ def test_the_import_cell_is_shown(path):
 # The chapters state their results as output of their own code cells (``ch.finding``), so that Colab and Jupyter
 # show the text with its numbers; a {glue:text} role in a Markdown cell shows there as raw markup. The one role
 # left is the run time at the top of each page (the last cell measures it).
-RUN_TIME = "*This page took {glue:text}`run_seconds:.0f` seconds to compute;"
+RUN_TIME = "*This page's numbers took {glue:text}`run_seconds:.0f` s to compute, its traces included"
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)

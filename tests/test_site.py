@@ -40,13 +40,22 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def site():
+def site(tmp_path_factory):
+    """The smoke book built outside the working tree (its ``_build`` is the reader's), then built again as the
+    README's second command would after ``make test``: another trace cache, nothing recorded in it. The chapters'
+    outputs come from the execution cache, and the claims page, which runs again, must still find their claims (they
+    travel in the build folder: ``regcls.env.records_dir``)."""
+    out = tmp_path_factory.mktemp("book")
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernels must use the inline backend
     env.update(REGCLS_PROFILE="smoke", HF_HUB_OFFLINE="1")
-    r = subprocess.run(["make", "book", "PROFILE=smoke"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=1800)
-    assert r.returncode == 0, "book build failed or warned:\n" + (r.stdout + r.stderr)[-4000:]
-    html = ROOT / "_build" / "html"
+    for cache in (env.get("REGCLS_CACHE"), str(out / "another-cache")):
+        r = subprocess.run(["make", "book", "PROFILE=smoke", f"BOOK_OUT={out}"], cwd=ROOT,
+                           env={**env, **({"REGCLS_CACHE": cache} if cache else {})}, capture_output=True, text=True,
+                           timeout=1800)
+        assert r.returncode == 0, "book build failed or warned:\n" + (r.stdout + r.stderr)[-4000:]
+    html = out / "_build" / "html"
+    assert len(list((out / "_build" / "records" / "claims" / "smoke").glob("*.json"))) >= 8   # with the pages
+    assert not (out / "another-cache" / "claims").exists()
     handler = partial(QuietHandler, directory=str(html))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -67,6 +76,18 @@ def browser():
         b.close()
 
 
+def test_every_size_colour_is_visible_on_white():
+    """3:1 contrast against the white page at least (WCAG 2.1 for graphical objects)."""
+    from regcls.plots import PALETTE
+
+    def luminance(hex_colour):
+        c = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        c = [x / 12.92 if x <= 0.03928 else ((x + 0.055) / 1.055) ** 2.4 for x in c]
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
+
+    assert {size: 1.05 / (luminance(c) + 0.05) >= 3 for size, c in PALETTE.items()} == {size: True for size in PALETTE}
+
+
 def test_toc_lists_every_chapter():
     toc = (ROOT / "_toc.yml").read_text()
     for stem in CHAPTERS:
@@ -81,9 +102,13 @@ def test_repository_url_is_configured_once_and_agrees():
         assert f'"regcls @ git+{url}"' in nb.read_text().replace('\\"', '"'), nb.name
 
 
+# Chapters whose claims table (and so whose verdict line) the page shows
+CLAIMS = {p.stem for p in (ROOT / "chapters").glob("*.ipynb") if "ch.claims(" in p.read_text()}
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_page(site, browser, chapter):
-    page = browser.new_page()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors = []
     page.on("console", lambda m: errors.append(m) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(e))
@@ -98,11 +123,32 @@ def test_chapter_page(site, browser, chapter):
     own = [e for e in own if not e.startswith(THEME_NOISE)]
     assert own == [], own
     sizes = page.eval_on_selector_all(".cell_output img", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    density = page.eval_on_selector_all(".cell_output img", "els => els.map(e => e.naturalWidth / e.getBoundingClientRect().width)")
+    assert all(d >= 1.9 for d in density), density   # figures have twice the pixels they are shown at
     if chapter != "summary_claims":  # every computed figure has loaded with a real size
         assert len(sizes) >= FIGURES.get(chapter, 1) and all(w > 200 and h > 150 for w, h in sizes), sizes
     for name in FIGURE_NAMES[chapter]:   # each named figure is a numbered figure with its caption
         assert page.locator(f"figure#{name} figcaption").count() == 1, name
     assert page.locator(".regcls-smoke-banner").count() == 1
+    # the first screen: the verdict of the page's claims and its first figure, above any code
+    first_code = page.eval_on_selector("div.cell div.highlight", "e => e.getBoundingClientRect().top") \
+        if page.locator("div.cell div.highlight").count() else 1e9
+    if chapter in CLAIMS:
+        box = page.locator(".regcls-headline .regcls-headline-verdict").bounding_box()
+        assert box and box["y"] + box["height"] <= 900 and box["y"] < first_code, box
+        lines = page.eval_on_selector_all(".regcls-verdict", "els => els.map(e => e.dataset)")
+        said = page.inner_text(".regcls-headline-verdict")
+        for key, word in (("yes", "agree"), ("no", "do not"), ("notTestable", "not testable")):
+            n = sum(int(d[key]) for d in lines)
+            assert (f"{n} {word}" in said) == (n > 0), (said, key, n)
+    if chapter != "summary_claims":
+        page.wait_for_function("() => { const i = document.querySelector('.regcls-headline img'); "
+                               "return i && i.complete && i.naturalWidth > 0; }", timeout=10_000)
+        img = page.locator(".regcls-headline img").bounding_box()
+        assert img["y"] + img["height"] <= 900 and img["y"] < first_code and img["height"] > 150, img
+    wide = page.eval_on_selector_all("div.cell div.highlight pre, div.cell_output pre",
+                                     "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).length")
+    assert wide == 0, f"{wide} code or output blocks scroll sideways"
     colab = page.eval_on_selector_all("a[href*='colab.research.google.com']", "els => els.map(e => e.href)")
     url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"].split("github.com/")[1]
     assert any(h.endswith(f"{url}/blob/main/chapters/{chapter}.ipynb") for h in colab), colab

@@ -16,7 +16,7 @@ TOL = dict(rtol=1e-8, atol=1e-8)
 
 def layer_scale(blk, y):
     """The attention branch's LayerScale, written out per family (timm's ViT: ``ls1``; Eva: ``gamma_1``)."""
-    return blk.ls1(y) if hasattr(blk, "ls1") else y * blk.gamma_1
+    return blk.ls1(y) if hasattr(blk, "ls1") else y * blk.gamma_1 if blk.gamma_1 is not None else y
 
 
 def reference(model, x):
@@ -38,8 +38,12 @@ def reference(model, x):
     def explicit_attention(blk, xin, rope):
         a = blk.attn
         B, N, D = xin.shape
-        bias = torch.cat((a.q_bias, a.k_bias, a.v_bias)) if getattr(a, "q_bias", None) is not None else a.qkv.bias
-        qkv = torch.nn.functional.linear(blk.norm1(xin), a.qkv.weight, bias)
+        if a.qkv is None:   # EVA02: separate projections
+            h = blk.norm1(xin)
+            qkv = torch.cat([a.q_proj(h), a.k_proj(h), a.v_proj(h)], dim=-1)
+        else:
+            bias = torch.cat((a.q_bias, a.k_bias, a.v_bias)) if getattr(a, "q_bias", None) is not None else a.qkv.bias
+            qkv = torch.nn.functional.linear(blk.norm1(xin), a.qkv.weight, bias)
         qkv = qkv.reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = a.q_norm(qkv[0]), a.k_norm(qkv[1]), qkv[2]
         if rope is not None:   # Eva: the patch queries and keys turned, the prefix tokens not

@@ -43,7 +43,8 @@ def prepare_build(folder: str | Path, profile: str, lib_root: Path | None = None
     stale = {"profile": last["profile"] not in (None, profile), "library": last["library"] not in (None, lib)}
     if stale["profile"] or stale["library"]:
         # Sphinx re-reads only changed sources: without its doctrees gone, the pages would not run again
-        for sub in (".jupyter_cache", "jupyter_execute", ".doctrees") + (("html",) if stale["profile"] else ()):
+        # the chapters' records (regcls.env.records_dir) go with the executed pages that show them
+        for sub in (".jupyter_cache", "jupyter_execute", ".doctrees", "records") + (("html",) if stale["profile"] else ()):
             if (folder / sub).exists():
                 shutil.rmtree(folder / sub)
                 dropped.append(sub)
@@ -94,7 +95,7 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
             except DAMAGED as err:
                 set_aside(e.path, err)
         _trace_entry(e, e.images, e.path, batch_size, device, progress)
-        return _loaded(load_trace(e.path))
+        return _loaded(load_trace(e.path), computed=True)
 
 
 class Entry(NamedTuple):
@@ -189,7 +190,8 @@ PRECISIONS: dict[str, str] = {}
 READ: dict[str, dict] = {}
 
 
-def _loaded(trace: dict) -> dict:
+def _loaded(trace: dict, computed: bool = False) -> dict:
+    """Note a trace a chapter read (``computed``: computed by this process, not read from the cache)."""
     meta = trace["meta"]
     label = meta.get("precision", "float32")
     checks = [(m, meta.get(k)) for m, k in (("bf16", "amp_check"), ("fp16", "fp16_check"), ("TF32", "tf32_check"))]
@@ -204,7 +206,8 @@ def _loaded(trace: dict) -> dict:
     READ[key] = {"model": meta.get("model"), "arch": meta.get("model_spec", {}).get("arch"),
                  "overrides": meta.get("model_spec", {}).get("overrides", {}), "dataset": meta.get("dataset"),
                  "img_size": meta.get("img_size"), "geometry": meta.get("geometry"), "images": meta.get("n_images"),
-                 "precision": meta.get("precision_mode", "fp32")}
+                 "precision": meta.get("precision_mode", "fp32"), "seconds": meta.get("trace_seconds"),
+                 "computed_on": meta.get("computed_on"), "computed_here": computed}
     return trace
 
 

@@ -7,7 +7,7 @@ import functools
 import json
 from dataclasses import asdict, dataclass, field
 
-from .env import cache_dir, image_cap
+from .env import image_cap, records_dir
 from .files import LIB_ROOT, atomic_write_text, library_digest
 from .profiles import Profile
 
@@ -172,15 +172,20 @@ def table(checks: list[ClaimCheck], notes: list[str] | None = None, notes_title:
     df = pd.DataFrame([{"section": c.section, "claim": c.claim, "paper": c.paper, "this run": c.ours,
                         "rule (agrees if)": c.rule or "-", "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
                         "agrees": verdict(c) + (" (stale: other code, rerun the chapter)" if c.stale else ""),
-                        **({notes_title: notes[i]} if notes is not None else {}),
-                        "computed by": c.stamp} for i, c in enumerate(checks)])
+                        **({notes_title: notes[i]} if notes is not None else {})} for i, c in enumerate(checks)])
     return df.style.hide(axis="index")
+
+
+def provenance(checks: list[ClaimCheck]) -> str:
+    """Which code computed these rows, in one line (the footnote under a claims table)."""
+    stamps = sorted({c.stamp for c in checks})
+    return "Computed by: " + ("; ".join(stamps) if stamps else "-") + "."
 
 
 def record(chapter: str, checks: list[ClaimCheck]) -> None:
     """Save a chapter's checks (per profile) for the claims page."""
     profile = checks[0].profile if checks else "none"
-    folder = cache_dir() / "claims" / profile
+    folder = records_dir() / "claims" / profile
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / f"{chapter}.json", json.dumps([asdict(c) for c in checks], indent=1))
 
@@ -188,6 +193,6 @@ def record(chapter: str, checks: list[ClaimCheck]) -> None:
 def collect(profile: str) -> list[ClaimCheck]:
     """Every recorded check of one profile, in section order."""
     out = []
-    for f in sorted((cache_dir() / "claims" / profile).glob("*.json")):
+    for f in sorted((records_dir() / "claims" / profile).glob("*.json")):
         out += [ClaimCheck(**d) for d in json.loads(f.read_text())]
     return sorted(out, key=lambda c: c.section)

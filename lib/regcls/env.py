@@ -121,6 +121,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REGCLS_CACHE", HOME))
 
 
+def records_dir() -> Path:
+    """Where the chapters record their claims and their runs (``claims/PROFILE``, ``chapters/PROFILE``):
+    ``REGCLS_RECORDS``, else the cache folder. ``make book`` sets it inside the build folder, so that the records
+    travel with the executed pages that show them: a build that reuses a chapter's cached outputs also finds the
+    claims that run recorded, and a build with a fresh execution cache starts without them."""
+    return Path(os.environ["REGCLS_RECORDS"]) if os.environ.get("REGCLS_RECORDS") else cache_dir()
+
+
 def resolve_device(device: str) -> str:
     """``"auto"``: CUDA when there is a GPU, else the CPU. ``"cuda"`` without a GPU: the CPU, with a warning.
 

@@ -56,9 +56,9 @@ def check_supported(model: nn.Module, name: str = "model") -> None:
     """Refuse, with the reason, anything the trace cannot decompose exactly.
 
     Supported: timm's ``VisionTransformer`` of pre-norm ``Block`` s with standard ``Attention`` (DINOv2, DeiT III,
-    CLIP, ...), and timm's ``Eva`` of pre-norm ``EvaBlock`` s with a fused ``qkv`` (DINOv3: rotary position
-    embedding on the patch tokens, which changes queries and keys but not values, so the decomposition of the
-    [CLS] output into token parts is unchanged)."""
+    CLIP, ...), and timm's ``Eva`` of pre-norm ``EvaBlock`` s, with a fused ``qkv`` (DINOv3) or separate q, k, v
+    projections (EVA02): rotary position embedding on the patch tokens, which changes queries and keys but not
+    values, so the decomposition of the [CLS] output into token parts is unchanged."""
     from timm.layers import Attention
     from timm.models.eva import Eva, EvaAttention, EvaBlock
     from timm.models.vision_transformer import Block, VisionTransformer
@@ -73,9 +73,8 @@ def check_supported(model: nn.Module, name: str = "model") -> None:
         if type(blk) is not kinds[0] or type(blk.attn) is not kinds[1]:
             raise RegclsError(f"{name} block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; only timm's "
                               f"pre-norm {kinds[0].__name__} with {kinds[1].__name__} is supported")
-        if getattr(blk.attn, "qkv", True) is None:
-            raise RegclsError(f"{name} block {i} projects queries, keys and values separately; the trace reads "
-                              "them from a fused qkv projection")
+        if getattr(blk.attn, "qkv", True) is None and getattr(blk.attn, "q_proj", None) is None:
+            raise RegclsError(f"{name} block {i} has neither a fused qkv projection nor separate q, k and v ones")
     attn = model.blocks[-1].attn
     if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
         raise RegclsError(f"{name} normalises or gates the attention output, so it is not linear in "
@@ -242,11 +241,62 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):  # DINO/iBOT: keep the backbone, drop projection heads
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if any(k.startswith(("embeddings.patch_embeddings.", "dinov2.embeddings.")) for k in sd):
+        sd = hf_dinov2_to_official(sd)
     return sd
 
 
+def hf_dinov2_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face ``Dinov2Model`` / ``Dinov2WithRegistersModel`` state dict (the hub files' names --
+    ``attention.attention.query``, ``attention.output.dense``, ``mlp.weights_in`` -- or transformers 5's --
+    ``q_proj``, ``o_proj``, ``gate_proj``/``up_proj``) in the official DINOv2 format, which timm's filter then
+    converts (position embedding resampled, ``w12``/``w3`` to the packed SwiGLU). The ``dinov2.`` of a model
+    with a head (``Dinov2ForImageClassification``) is stripped and its classifier dropped; the mask token is
+    kept for the filter to drop."""
+    if any(k.startswith("dinov2.") for k in sd):
+        sd = {k[len("dinov2."):]: v for k, v in sd.items() if k.startswith("dinov2.")}
+    top = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+           "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+           "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+           "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+           "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    renames = {"norm1": "norm1", "norm2": "norm2", "layer_scale1.lambda1": "ls1.gamma",
+               "layer_scale2.lambda1": "ls2.gamma", "attention.output.dense": "attn.proj",
+               "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+               "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3", "mlp.down_proj": "mlp.w3"}
+    fused = {"qkv": (("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+                     ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+             "w12": (("mlp.gate_proj", "mlp.up_proj"),)}
+    out, used = {}, set()
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            used.add(k)
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer.")})
+    for i in layers:
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        for old, new in renames.items():
+            for end in ("weight", "bias") if "lambda1" not in old else ("",):
+                key = src + old + (f".{end}" if end else "")
+                if key in sd:
+                    out[dst + new + (f".{end}" if end else "")] = sd[key]
+                    used.add(key)
+        for name, options in fused.items():
+            for parts in options:
+                for end in ("weight", "bias"):
+                    keys = [f"{src}{p}.{end}" for p in parts]
+                    if all(k in sd for k in keys):
+                        out[f"{dst}{'attn.qkv' if name == 'qkv' else 'mlp.w12'}.{end}"] = torch.cat([sd[k] for k in keys])
+                        used.update(keys)
+    left = sorted(set(sd) - used)
+    if left:
+        raise RegclsError(f"a Hugging Face DINOv2 checkpoint with keys this loader does not know: {', '.join(left[:6])}"
+                          + (f" (+{len(left) - 6} more)" if len(left) > 6 else ""))
+    return out
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a weights file in timm's or the official DINOv2 format into ``model`` (strict; the tensors read become
+    """Load a weights file in timm's, the official DINOv2 or Hugging Face's DINOv2 format into ``model`` (strict; the tensors read become
     the parameters, so ``model`` may be built empty: :func:`create` ``empty=True``).
 
     timm's own filter converts DINOv2 keys (``register_tokens``, ``mask_token``, ``w12``/``w3``) and

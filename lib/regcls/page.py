@@ -15,8 +15,8 @@ import time
 
 from . import REPOSITORY, plots
 from .cache import PRECISIONS, READ, profile_traces, trace_for
-from .claims import ClaimCheck, record, table
-from .env import cache_dir, hardware, image_cap
+from .claims import VERDICTS, ClaimCheck, provenance, record, table, verdict_counts
+from .env import hardware, image_cap, records_dir
 from .files import atomic_write_text
 from .errors import RegclsError
 from .profiles import ModelSpec, Profile, active_profile
@@ -60,11 +60,18 @@ class Chapter:
         self.glue(**values)
         display(Markdown((f"## {title}\n\n" if title else "") + text.format(**values)))
 
-    def claims(self, checks: list[ClaimCheck], part: str = ""):
-        """Record this chapter's claim rows for the claims page and show them as a table."""
+    def claims(self, checks: list[ClaimCheck], part: str = "") -> None:
+        """Record this chapter's claim rows for the claims page and show them: the verdict line (which the book
+        also shows at the top of the page, :data:`HEADLINE_JS`), the table, and which code computed them in one
+        footnote. Returns nothing (the rows are shown)."""
+        from IPython.display import HTML, display
+
         stem = self.name.split("_")
-        record("_".join(stem[:2] if stem[0].startswith("sec") else stem[:1]) + (f"_{part}" if part else ""), checks)
-        return table(checks)
+        key = "_".join(stem[:2] if stem[0].startswith("sec") else stem[:1]) + (f"_{part}" if part else "")
+        record(key, checks)
+        display(HTML(verdict_line(checks, self.profile.name, anchor=f"claims-{key}")))
+        display(table(checks))
+        display(HTML(f'<p class="regcls-provenance">{html.escape(provenance(checks))}</p>'))
 
     def finish(self) -> None:
         """The last cell: the run time (shown at the top of the page) and the precision of every trace read; and
@@ -73,9 +80,25 @@ class Chapter:
         record_run(self.name, self.profile, time.time() - self.start)
 
 
-def _box(kind: str, title: str, body: str) -> str:
+def _box(kind: str, title: str, body: str, more: str = "") -> str:
+    """An admonition; ``more``: the details, folded away under the body."""
+    fold = f'<details class="regcls-more"><summary>Details</summary><p>{more}</p></details>' if more else ""
     return (f'<div class="admonition {kind} regcls-{kind}"><p class="admonition-title">{html.escape(title)}</p>'
-            f"<p>{body}</p></div>")
+            f"<p>{body}</p>{fold}</div>")
+
+
+def verdict_line(checks: list[ClaimCheck], profile: str, anchor: str = "") -> str:
+    """One line: how many of these claim rows agree with the paper, do not, are not testable, not computed, on
+    ``profile``. Its counts ride along as data attributes: the book adds them up at the top of the page
+    (``book/_static/regcls.js``)."""
+    counts = verdict_counts(checks)
+    words = {"yes": "agree", "no": "do not", "not testable": "not testable", "not computed": "not computed"}
+    slug = {v: v.replace(" ", "-") for v in VERDICTS}
+    parts = [f'<span class="regcls-v-{slug[v]}">{n} {words[v]}</span>' for v, n in counts.items() if n]
+    data = " ".join(f'data-{slug[v]}="{counts[v]}"' for v in VERDICTS)
+    return (f'<p class="regcls-verdict" id="{html.escape(anchor)}" data-profile="{html.escape(profile)}" {data}>'
+            f"<b>The paper's claims in this section, on the {html.escape(profile)} profile:</b> "
+            + (" &middot; ".join(parts) or "no rows") + "</p>")
 
 
 def banner(profile: Profile):
@@ -99,7 +122,9 @@ def banner(profile: Profile):
                 "the paper</b>; the paper profile gives the evidence. To get real figures, open this notebook on "
                 "Colab with a GPU (the <code>colab</code> profile: every DINOv2 size, about 20 minutes), or run the "
                 "book with <code>make book PROFILE=paper</code> on a large GPU.")
-        return HTML(f'<div class="regcls-smoke-banner">{_box("warning", "Smoke profile: planted controls, not real weights", body)}</div>')
+        short = ("Tiny ViTs with <b>planted weights</b> on images that ship with Python packages: a check of the "
+                 "analysis, <b>no evidence for or against the paper</b>. Real figures: open it on Colab with a GPU.")
+        return HTML(f'<div class="regcls-smoke-banner">{_box("warning", "Smoke profile: planted controls, not real weights", short, more=body)}</div>')
     cap = image_cap()
     body = (f"Computed with the <b>{profile.name}</b> profile: {html.escape(profile.note)}; "
             f"{profile.img_size} px images."
@@ -123,7 +148,9 @@ def run_box(profile: Profile, notebook: str):
             f"bfloat16 autocast, float16 autocast and TF32 that the GPU has and whose check against float32 passes, "
             f"else float32 (the last line of the page names the precision of every trace it read)."
             + (f" Images capped at <b>{cap}</b> per dataset (<code>REGCLS_LIMIT</code>)." if cap else ""))
-    return HTML(_box("tip", "Run this chapter", body))
+    short = (f'<a href="{colab}">Open in Colab</a> (GPU, then <i>Run all</i>) &middot; ran on the '
+             f"<b>{profile.name}</b> profile, {html.escape(hardware())}")
+    return HTML(_box("tip", "Run this chapter", short, more=body))
 
 
 def one_line_errors() -> None:
@@ -155,9 +182,9 @@ def glue(name: str, value, display: bool = False) -> None:
 
 
 def record_run(name: str, profile: Profile, seconds: float) -> dict:
-    """What a chapter's run took, in ``REGCLS_CACHE/chapters/PROFILE/NAME.json``: seconds, the hardware, the peak
-    resident memory of its process (Linux), and every trace it read (model, dataset, resolution, images,
-    precision), from which the reproducing page projects a chapter's time on other hardware."""
+    """What a chapter's run took, in ``chapters/PROFILE/NAME.json`` of :func:`regcls.env.records_dir`: seconds,
+    the hardware, the peak resident memory of its process (Linux), and every trace it read (model, dataset,
+    resolution, images, precision), from which the reproducing page projects a chapter's time on other hardware."""
     import json
     from pathlib import Path
 
@@ -168,18 +195,33 @@ def record_run(name: str, profile: Profile, seconds: float) -> dict:
         peak = int(line.split()[1]) / 2**20 if line else None
     out = {"chapter": name, "profile": profile.name, "seconds": seconds, "hardware": hardware(), "peak_rss_gb": peak,
            "images_cap": image_cap(), "traces": list(READ.values())}
-    atomic_write_text(cache_dir() / "chapters" / profile.name / f"{name}.json", json.dumps(out, indent=1))
+    atomic_write_text(records_dir() / "chapters" / profile.name / f"{name}.json", json.dumps(out, indent=1))
     return out
 
 
 def finish(start: float) -> str:
-    """A chapter's last cell: glue the run time (shown at the top of the page) and say it."""
-    seconds = time.time() - start
-    glue("run_seconds", seconds)
-    line = f"This chapter took {seconds:.0f} s on {hardware()}."
+    """A chapter's last cell: glue the time its numbers took (shown at the top of the page) and say how it splits:
+    this run, and the traces it read from the cache, as long as they took when they were computed."""
+    here = time.time() - start
+    earlier = [r for r in READ.values() if not r.get("computed_here")]
+    known = [r["seconds"] for r in earlier if r.get("seconds") is not None]
+    glue("run_seconds", here + sum(known))
+    line = f"This chapter took {here:.0f} s on {hardware()}"
+    if earlier:
+        where = sorted({r["computed_on"] for r in earlier if r.get("computed_on")})
+        line += (f"; the {_count(len(earlier), 'trace')} it read from the cache took {sum(known):.0f} s when "
+                 f"{'they were' if len(earlier) > 1 else 'it was'} computed"
+                 + (f" (on {', '.join(where)})" if where else "")
+                 + (f"; {_count(len(earlier) - len(known), 'of them')} from before their time was recorded"
+                    if len(known) < len(earlier) else ""))
+    line += "."
     if len(set(PRECISIONS.values())) == 1:
         line += f" Every trace it read ({len(PRECISIONS)}) ran in {next(iter(PRECISIONS.values()))}."
     elif PRECISIONS:
         line += " Precision of the traces it read: " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items()) + "."
     return line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if noun.startswith("of ") or n == 1 else f"{n} {noun}s"
 

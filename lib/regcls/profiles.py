@@ -405,13 +405,110 @@ def detect_profile() -> str:
 
 
 def active_profile(name: str | None = None, verbose: bool = True) -> Profile:
-    """The profile named here, else in ``REGCLS_PROFILE``, else detected (printed)."""
+    """The profile named here, else in ``REGCLS_PROFILE``, else detected (printed). A name ending in ``.toml`` is a
+    profile file of your own (:func:`profile_from_file`)."""
     name = name or os.environ.get("REGCLS_PROFILE") or None
     how = "chosen"
     if not name:
         name, how = detect_profile(), "detected (set REGCLS_PROFILE to choose)"
-    if name not in PROFILES:
-        raise RegclsError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    if name.endswith(".toml"):
+        profile = profile_from_file(name)
+        how = f"from {name}"
+    elif name not in PROFILES:
+        raise RegclsError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}, or name a .toml file")
+    else:
+        profile = PROFILES[name]
     if verbose:
-        print(f"regcls profile: {name} ({how}): {PROFILES[name].note}")
-    return PROFILES[name]
+        print(f"regcls profile: {profile.name} ({how}): {profile.note}")
+    return profile
+
+
+# What a profile file may set, besides its models: the profile's own fields, each with the type it must have.
+FILE_FIELDS = {"dataset": str, "limit": (int, type(None)), "labelled": str, "labelled_limit": int,
+               "labelled_classes": int, "img_size": int, "alt_img_size": int, "alt_limit": int,
+               "batch_size": int, "device": str, "note": str}
+MODEL_FIELDS = {"size": str, "arch": str, "tag": str, "weights": str, "overrides": dict}
+
+
+def profile_from_file(path: str | os.PathLike) -> Profile:
+    """A profile of your own, from a TOML file, without touching the library::
+
+        name = "my-dinov2"        # claims are recorded under this name: never over the book's
+        base = "laptop"           # every setting not given here comes from this profile
+        limit = 500               # also: dataset, labelled, labelled_limit, img_size, device, note, ...
+
+        [[models]]
+        size = "L"                # the size the chapters compare it as: S, B, L or g
+        arch = "vit_large_patch14_reg4_dinov2"
+        weights = "checkpoint:weights/model.safetensors"   # or "hub" (with tag = ...), "random:0"
+
+    The models replace the base profile's (a checkpoint path is relative to the file's folder; timm's, the official
+    DINOv2 and Hugging Face's DINOv2 formats load); the chapters beyond the paper (appendix families, DINOv3, the
+    test-time register) keep the base profile's models. Errors name the file and the entry."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:   # Python 3.10
+        raise RegclsError("profile files need Python 3.11 or newer (tomllib)") from None
+    path = Path(path)
+    if not path.is_file():
+        raise RegclsError(f"profile file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RegclsError(f"profile file {path}: {e}") from None
+    where = f"profile file {path}"
+    unknown = sorted(set(data) - set(FILE_FIELDS) - {"name", "base", "models"})
+    if unknown:
+        raise RegclsError(f"{where}: unknown settings {', '.join(unknown)}; known: name, base, models, "
+                          + ", ".join(FILE_FIELDS))
+    name, base = data.get("name"), data.get("base", "laptop")
+    if not isinstance(name, str) or not name:
+        raise RegclsError(f"{where}: give it a name (name = \"...\"): its claims are recorded under it")
+    if name in PROFILES:
+        raise RegclsError(f"{where}: the name {name!r} is the book's own profile; choose another, so that its claims "
+                          "never replace the book's")
+    if base not in PROFILES:
+        raise RegclsError(f"{where}: unknown base profile {base!r}; choose one of {', '.join(PROFILES)}")
+    settings = {}
+    for key, kind in FILE_FIELDS.items():
+        if key in data:
+            if not isinstance(data[key], kind) or isinstance(data[key], bool):
+                raise RegclsError(f"{where}: {key} = {data[key]!r} is not {'a string' if kind is str else 'an integer'}")
+            settings[key] = data[key]
+    models = PROFILES[base].models
+    if "models" in data:
+        models = tuple(_model_from_file(m, i, where, path.parent) for i, m in enumerate(data["models"]))
+        seen = [(m.size, m.registers) for m in models]
+        if len(set(seen)) < len(seen):
+            raise RegclsError(f"{where}: two models share a size and a register setting; each size appears once "
+                              "with registers and once without at most")
+        models = tuple(sorted(models, key=lambda m: (not m.registers, SIZES.index(m.size))))
+    return replace(PROFILES[base], name=name, models=models,
+                   **{"note": f"{name}, a profile of your own ({path.name}, based on {base})", **settings})
+
+
+def _model_from_file(entry, i: int, where: str, folder) -> ModelSpec:
+    if not isinstance(entry, dict):
+        raise RegclsError(f"{where}: models[{i}] is not a table ([[models]] with size, arch, weights)")
+    unknown = sorted(set(entry) - set(MODEL_FIELDS))
+    if unknown:
+        raise RegclsError(f"{where}: models[{i}] has unknown keys {', '.join(unknown)}; known: {', '.join(MODEL_FIELDS)}")
+    for key in ("size", "arch"):
+        if not isinstance(entry.get(key), str):
+            raise RegclsError(f"{where}: models[{i}] needs {key} (a string)")
+    if entry["size"] not in SIZES:
+        raise RegclsError(f"{where}: models[{i}] size {entry['size']!r}: the chapters compare the sizes "
+                          f"{', '.join(SIZES)}; give the size your model stands for")
+    weights = entry.get("weights", "hub")
+    kind, _, arg = weights.partition(":")
+    if kind == "checkpoint":
+        file = (folder / arg).resolve() if not os.path.isabs(arg) else arg
+        weights = f"checkpoint:{file}"
+    elif kind not in ("hub", "random"):
+        raise RegclsError(f"{where}: models[{i}] weights {weights!r}: 'hub', 'random:SEED' or 'checkpoint:PATH'")
+    from .models import resolve_arch
+    arch = resolve_arch(entry["arch"])
+    tag = entry.get("tag") or entry["arch"].partition(".")[2] or None
+    return ModelSpec(entry["size"], arch, tag, weights, tuple(sorted(entry.get("overrides", {}).items())))

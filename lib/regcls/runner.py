@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .data import ImageList, Normalized, decode_images, eval_config, image_store
+from .env import hardware
 from .errors import RegclsError
 from .files import disk_error, output_lock
 from .models import layout
@@ -186,6 +187,7 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
     n = len(ids)
     if n == 0:
         raise RegclsError("no images to trace")
+    started = time.perf_counter()
     parts_dir = out.with_name(out.name + ".parts")
     _claim(parts_dir, json.dumps({**meta, "image_ids_hash": _hash_ids(ids)}, sort_keys=True, default=str))
     pause_after = int(os.environ.get("REGCLS_TEST_PAUSE_AFTER_BATCHES", 0))  # tests: stop at a known batch
@@ -263,7 +265,9 @@ def _trace_into(model: nn.Module, images, ids: list[str], *, out: Path, meta: di
         if writer.rows < n:
             writer.close()
     t0 = time.perf_counter()
-    meta = {**meta, "precision": precision_label(device, mode), "precision_mode": mode}
+    meta = {**meta, "precision": precision_label(device, mode), "precision_mode": mode,
+            # what computing it took (a resumed run: its own part), for the time a chapter that reads it shows
+            "trace_seconds": round(time.perf_counter() - started, 3), "computed_on": hardware()}
     if amp:   # the checks that decided, each in its own field
         meta = {**meta, "amp_used": mode == "bf16", **{CHECK_KEYS[m]: c for m, c in checks.items()}}
         meta.setdefault("amp_check", None)

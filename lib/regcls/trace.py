@@ -168,15 +168,31 @@ class Tracer:
         def on_last_norm1(_mod, _inp, out):
             self.rec["prefix_penult_ln"] = out[:, :P].clone()
 
+        def on_projection(i, which, parts):   # EVA02: q, k and v from their own projections, in this order
+            def hook(_mod, _inp, out):
+                parts[which] = out
+                if which == "v":   # the block's qkv as a fused projection would give it (B, N, 3*H*hd)
+                    qkv = torch.cat([parts.pop("q"), parts.pop("k"), parts.pop("v")], dim=-1)
+                    with own_arithmetic(qkv.device.type):
+                        record(i, qkv)
+            return hook
+
         for i, blk in enumerate(blocks):
-            self.handles.append(blk.attn.qkv.register_forward_hook(on_qkv(i)))
+            if blk.attn.qkv is not None:
+                self.handles.append(blk.attn.qkv.register_forward_hook(on_qkv(i)))
+            else:
+                parts: dict = {}
+                for which in "qkv":
+                    proj = getattr(blk.attn, f"{which}_proj")
+                    self.handles.append(proj.register_forward_hook(on_projection(i, which, parts)))
             self.handles.append(blk.register_forward_hook(on_block(i)))
-            if hasattr(blk.attn, "qkv_bias_separate"):   # Eva
+            if hasattr(blk.attn, "qkv_bias_separate"):   # Eva (its rotary embedding; with a fused qkv, its bias)
                 self.handles.append(blk.attn.register_forward_pre_hook(on_attn_in(i), with_kwargs=True))
-                # with a qkv bias Eva calls F.linear, not its qkv module; adding the bias after the module (the
-                # same sum) lets the hook see every block's qkv
-                self._separate.append((blk.attn, blk.attn.qkv_bias_separate))
-                blk.attn.qkv_bias_separate = True
+                if blk.attn.qkv is not None:
+                    # with a qkv bias Eva calls F.linear, not its qkv module; adding the bias after the module (the
+                    # same sum) lets the hook see every block's qkv
+                    self._separate.append((blk.attn, blk.attn.qkv_bias_separate))
+                    blk.attn.qkv_bias_separate = True
         self.handles.append(blocks[last].register_forward_pre_hook(on_last_in))
         self.handles.append(blocks[last].norm1.register_forward_hook(on_last_norm1))
         return self

@@ -193,7 +193,7 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
 
     def settings(t: dict) -> dict:  # what must agree between shards
         return {k: v for k, v in t["meta"].items() if k not in ("n_images", "skipped", "shard", "amp_check", "tf32_check",
-                                                                "fp16_check")}
+                                                                "fp16_check", "trace_seconds", "computed_on")}
 
     first = settings(traces[0])
     for p, t in zip(paths, traces):
@@ -213,6 +213,9 @@ def merge_traces(paths: list[str | Path], out: str | Path) -> Path:
     if len(set(arrays["image_ids"].tolist())) != len(arrays["image_ids"]):
         raise RegclsError("the shards overlap (an image appears twice)")
     meta = {**first, "n_images": len(arrays["image_ids"]), "skipped": sum(t["meta"].get("skipped", 0) for t in traces)}
+    seconds = [t["meta"]["trace_seconds"] for t in traces if "trace_seconds" in t["meta"]]
+    if seconds:   # the shards ran side by side: the slowest
+        meta.update(trace_seconds=max(seconds), computed_on=traces[0]["meta"].get("computed_on"))
     for k in ("amp_check", "fp16_check", "tf32_check"):   # shards of one request checked the same images: one check
         checks = [t["meta"].get(k) for t in traces]
         if checks[0] is not None:
