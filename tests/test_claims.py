@@ -471,3 +471,24 @@ def test_the_register_patch_rule_on_both_sides():
     assert alike.agrees is False and "< 0.500" in alike.rule
     assert R.register_patch_check("3.3", {s: v for s, v in _register_patch(0.0).items() if s in "SB"},
                                   PROFILES["smoke-laptop"]).agrees is None
+
+
+def test_the_claims_download_as_csv_and_json_with_every_row_and_its_verdict():
+    import base64
+    import csv
+    import io
+    import json
+    import re
+
+    from regcls.claims import ClaimCheck, downloads
+
+    rows = [ClaimCheck("3.1", "a, quoted \"claim\"", "paper", "ours", True, "smoke"),
+            ClaimCheck("3.3", "another", "paper", "ours", None, "smoke")]
+    html = downloads(rows, "smoke")
+    found = re.findall(r'href="data:[^;]+;base64,([^"]+)" download="claims-smoke\.(csv|json)"', html)
+    urls = {ext: data for data, ext in found}
+    table = list(csv.DictReader(io.StringIO(base64.b64decode(urls["csv"]).decode())))
+    assert [r["claim"] for r in table] == ["a, quoted \"claim\"", "another"]
+    assert [r["verdict"] for r in table] == ["yes", "not testable"]
+    assert [r["verdict"] for r in json.loads(base64.b64decode(urls["json"]))] == ["yes", "not testable"]
+    assert "Download the 2 rows" in html

@@ -172,6 +172,9 @@ def test_the_claims_page_counts_its_rows_and_says_why_a_smoke_row_disagrees(site
     assert len(rows) == total >= 40 and sum(counts.values()) == total
     for v, n in counts.items():
         assert sum(r[col["agrees"]].split(" (stale")[0] == v for r in rows) == n, v
+    import base64, csv, io   # noqa: E401
+    href = page.get_attribute("a[download='claims-smoke.csv']", "href")
+    assert len(list(csv.DictReader(io.StringIO(base64.b64decode(href.split(",", 1)[1]).decode())))) == total
     notes = [r[col["on the smoke profile"]] for r in rows]
     assert all(n == "expected: yes" or n.startswith("expected: no -- ") for n in notes), notes
     page.close()

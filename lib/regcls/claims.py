@@ -182,6 +182,28 @@ def provenance(checks: list[ClaimCheck]) -> str:
     return "Computed by: " + ("; ".join(stamps) if stamps else "-") + "."
 
 
+def downloads(checks: list[ClaimCheck], profile: str) -> str:
+    """Links that download these rows as CSV and as JSON (every field, the verdict among them), embedded in the
+    page itself (data URLs): the same in the book, in Jupyter and on Colab, with no file beside the page."""
+    import base64
+    import csv
+    import io
+
+    rows = [{**asdict(c), "verdict": verdict(c)} for c in checks]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["verdict"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+    def link(data: str, kind: str, ext: str) -> str:
+        url = f"data:{kind};base64,{base64.b64encode(data.encode()).decode()}"
+        return f'<a href="{url}" download="claims-{profile}.{ext}">claims-{profile}.{ext}</a>'
+
+    return (f'<p class="regcls-downloads">Download the {len(rows)} rows: '
+            f'{link(text.getvalue(), "text/csv", "csv")} &middot; '
+            f'{link(json.dumps(rows, indent=1), "application/json", "json")}</p>')
+
+
 def record(chapter: str, checks: list[ClaimCheck]) -> None:
     """Save a chapter's checks (per profile) for the claims page."""
     profile = checks[0].profile if checks else "none"
