@@ -186,3 +186,18 @@ def test_intro_draws_its_figure(site, browser):
     sizes = page.eval_on_selector_all(".cell_output img", "els => els.map(e => e.naturalWidth)")
     assert sizes and max(sizes) > 600  # the matplotlib figure of the patch integration assumption
     page.close()
+
+
+def test_every_attention_map_has_its_colourbar():
+    import matplotlib
+    matplotlib.use("Agg")
+    import numpy as np
+    from regcls import plots
+
+    rng = np.random.default_rng(0)
+    fig = plots.map_grid([rng.random((28, 28, 3)) for _ in range(3)], {"g": rng.random((3, 4, 4)),
+                                                                      "g+reg": rng.random((3, 4, 4)) * 1e-4})
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 6 and len(fig.axes) == 9 + 6
+    assert bars[-1].get_ylabel() == "share of [CLS] attention"
+    assert all(t.get_size() >= 9 for ax in bars for t in ax.get_yticklabels())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 
 from .profiles import ORDER
@@ -87,15 +88,26 @@ def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], p
 
 
 def map_grid(images: list[np.ndarray], rows: dict[str, np.ndarray], titles: list[str] | None = None,
-             cmap: str = "inferno", size: float = 2.4):
+             cmap: str = "inferno", size: float = 2.4, cbar_label: str = "share of [CLS] attention"):
     """The images in the first row and, below them, one row of maps (n, rows, cols) per entry of ``rows``, labelled
-    by its key; ``titles`` (one per image) go above the last row. Returns the figure."""
-    fig, axes = plt.subplots(1 + len(rows), len(images), figsize=(size * len(images), size * (1 + len(rows))),
+    by its key; ``titles`` (one per image) go above the last row. Each map has its own colour scale (the maps of
+    one image can differ by orders of magnitude) and its colourbar, ``cbar_label`` beside the last of a row.
+    Returns the figure."""
+    fig, axes = plt.subplots(1 + len(rows), len(images), figsize=(size * len(images) * 1.2, size * (1 + len(rows))),
                              squeeze=False)
     for j, image in enumerate(images):
         axes[0, j].imshow(image)
         for r, maps in enumerate(rows.values(), 1):
-            axes[r, j].imshow(maps[j], cmap=cmap)
+            im = axes[r, j].imshow(maps[j], cmap=cmap)
+            bar = fig.colorbar(im, ax=axes[r, j], fraction=0.046, pad=0.03)
+            bar.ax.tick_params(labelsize=9)
+            bar.locator = matplotlib.ticker.MaxNLocator(3)
+            bar.formatter = matplotlib.ticker.ScalarFormatter(useMathText=True)
+            bar.formatter.set_powerlimits((-2, 3))   # small shares as 8 with x10^-4 on top, not 0.0008
+            bar.update_ticks()
+            bar.ax.yaxis.get_offset_text().set_fontsize(9)
+            if j == len(images) - 1 and cbar_label:
+                bar.set_label(cbar_label, fontsize=9)
         if titles:
             axes[-1, j].set_title(titles[j], fontsize=9)
     for ax in axes.flat:
