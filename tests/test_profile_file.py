@@ -50,6 +50,13 @@ size = "S"
 arch = "vit_small_patch14_reg4_dinov2"
 weights = "random:3"
 overrides = {{ embed_dim = 48, depth = 2, num_heads = 3 }}
+
+[[models]]
+size = "L"
+label = "CLIP-L"
+arch = "vit_large_patch14_clip_224"
+weights = "random:4"
+overrides = {{ embed_dim = 48, depth = 2, num_heads = 3 }}
 '''
     (folder / "my.toml").write_text(text)
     return folder / "my.toml"
@@ -60,7 +67,7 @@ def test_a_profile_file_names_its_models_and_takes_the_rest_from_its_base(tmp_pa
     monkeypatch.setenv("REGCLS_PROFILE", str(path))
     p = active_profile(verbose=False)
     assert p.name == "my-dinov2" and p.limit == 12 and p.note == "two models of mine"
-    assert [m.size for m in p.models] == ["S", "L"]                        # in the chapters' order
+    assert [m.label for m in p.models] == ["S+reg", "L+reg", "CLIP-L"]   # in the chapters' order, labels kept
     assert p.models[1].weights == f"checkpoint:{tmp_path / 'weights' / 'model.safetensors'}"   # from the file's folder
     assert p.dataset == PROFILES["smoke"].dataset and p.img_size == PROFILES["smoke"].img_size
     assert p.testtime == PROFILES["smoke"].testtime                       # the chapters beyond the paper: the base's
@@ -102,6 +109,8 @@ def test_a_profile_file_with_a_wrong_setting_says_which(tmp_path, body, message)
     ('name = "x"\n[[models]]\nsize = "S"\narch = "vit_small_patch14_dinov2"\n[[models]]\nsize = "S"\n'
      'arch = "vit_small_patch14_dinov2"\n', "share a size"),
     ('name = \n', "profile file"),
+    ('name = "x"\n[[models]]\nsize = "S"\narch = "vit_small_patch14_dinov2"\noverrides = { img_size = 28 }\n',
+     "overrides img_size"),
 ])
 def test_a_broken_profile_file_is_one_line_that_names_it(tmp_path, text, message):
     (tmp_path / "p.toml").write_text(text)
@@ -115,18 +124,22 @@ def test_a_missing_profile_file_is_named(tmp_path):
         active_profile(str(tmp_path / "nothing.toml"))
 
 
-def test_chapter_3_1_runs_on_a_profile_file_without_edits(tmp_path):
-    """The fork's case: a chapter runs on the file's models (one of them from a Hugging Face checkpoint), and its
-    claims land under the file's name."""
+@pytest.mark.parametrize("chapter", ["sec3_1_register_attention", "your_model"])
+def test_a_chapter_runs_on_a_profile_file_without_edits(tmp_path, chapter):
+    """The fork's case: a chapter runs on the file's models (one from a Hugging Face checkpoint, one CLIP-L by timm
+    name with a label of its own), and its claims land under the file's name."""
     import nbformat
     from nbclient import NotebookClient
 
     path = write_profile(tmp_path)
     env = {**os.environ, "REGCLS_PROFILE": str(path), "REGCLS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     code = (f"import nbformat; from nbclient import NotebookClient; "
-            f"nb = nbformat.read({str(ROOT / 'chapters' / 'sec3_1_register_attention.ipynb')!r}, as_version=4); "
+            f"nb = nbformat.read({str(ROOT / 'chapters' / f'{chapter}.ipynb')!r}, as_version=4); "
             f"NotebookClient(nb, timeout=600, resources={{'metadata': {{'path': {str(ROOT / 'chapters')!r}}}}}).execute()")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    if chapter == "your_model":   # the template records no claims; its run record is the file's
+        assert [c.name for c in (tmp_path / "cache" / "chapters").iterdir()] == ["my-dinov2"]
+        return
     claims = list((tmp_path / "cache" / "claims").iterdir())
     assert [c.name for c in claims] == ["my-dinov2"]

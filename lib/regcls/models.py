@@ -3,7 +3,6 @@ and describe its token layout ``[CLS, register_1..R, patch_1..P]``."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from .data import dataset_files, decode_images, eval_config, is_labelled
 from .env import checkpoints_dir, hub_offline, hub_reachable
 from .errors import RegclsError
 from .planted import layer_scales, plant
-from .profiles import ModelSpec
+from .profiles import ModelSpec, resolve_arch
 from .testtime import FixedRegisters, TestTimeRegister, find_outlier_neurons, register_means
 
 @dataclass(frozen=True)
@@ -79,18 +78,6 @@ def check_supported(model: nn.Module, name: str = "model") -> None:
     if not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None:
         raise RegclsError(f"{name} normalises or gates the attention output, so it is not linear in "
                           "the token parts and cannot be decomposed")
-
-
-def resolve_arch(name: str) -> str:
-    """The timm architecture of ``name`` (``arch`` or ``arch.tag``); unknown names list the closest."""
-    import timm
-
-    arch = name.split(".")[0]
-    if timm.is_model(arch):
-        return arch
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-    hint = f"; closest timm names: {', '.join(close)}" if close else ""
-    raise RegclsError(f"unknown model {name!r}{hint}")
 
 
 def create(name: str, *, pretrained: bool, img_size: int, overrides: dict | None = None,

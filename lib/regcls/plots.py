@@ -35,8 +35,22 @@ def size_label(size: str, registers: bool | None = None) -> str:
 
 
 def order(sizes) -> list[str]:
-    """Sizes in the paper's order (DINOv3's S+ and H+ in theirs, by parameters)."""
-    return [s for s in ORDER if s in sizes]
+    """Sizes in the paper's order (DINOv3's S+ and H+ in theirs, by parameters); labels of your own ("CLIP-L")
+    after them, in the order given."""
+    return [s for s in ORDER if s in sizes] + [s for s in sizes if s not in ORDER]
+
+
+# Labels of your own: a qualitative palette (Tableau 10, every colour at 3:1 or more on white but the light ones)
+OTHER_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf")
+
+
+def colour(label: str, labels=()) -> str:
+    """The colour of a model: the paper's sizes by :data:`PALETTE`, other labels in turn from
+    :data:`OTHER_COLOURS` by their place among ``labels``."""
+    if label in PALETTE:
+        return PALETTE[label]
+    others = [x for x in labels if x not in PALETTE] or [label]
+    return OTHER_COLOURS[others.index(label) % len(OTHER_COLOURS)] if label in others else OTHER_COLOURS[0]
 
 
 def strip_by_size(ax, values: dict[str, np.ndarray], ylabel: str, registers: bool | None = None) -> None:
@@ -45,14 +59,14 @@ def strip_by_size(ax, values: dict[str, np.ndarray], ylabel: str, registers: boo
     data = [np.asarray(values[s]) for s in sizes]
     parts = ax.violinplot(data, showextrema=False, widths=0.8)
     for body, s in zip(parts["bodies"], sizes):
-        body.set_facecolor(PALETTE[s])
+        body.set_facecolor(colour(s, sizes))
         body.set_alpha(0.35)
     rng = np.random.default_rng(0)
     for i, (s, d) in enumerate(zip(sizes, data), start=1):
-        ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=6, color=PALETTE[s], alpha=0.8, lw=0)
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=6, color=colour(s, sizes), alpha=0.8, lw=0)
         ax.hlines(np.mean(d), i - 0.3, i + 0.3, color="k", lw=1.5)
-    ax.set_xticks(range(1, len(sizes) + 1), [size_label(s, registers) for s in sizes])
-    ax.set_xlabel("model size")
+    ax.set_xticks(range(1, len(sizes) + 1), [size_label(s, registers) if s in PALETTE else s for s in sizes])
+    ax.set_xlabel("model size" if all(s in PALETTE for s in sizes) else "model")
     ax.set_ylabel(ylabel)
 
 

@@ -11,6 +11,7 @@ largest the machine can run and says so.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, replace
 
@@ -84,6 +85,7 @@ class ModelSpec:
     overrides: tuple[tuple[str, object], ...] = ()
     testtime: TestTime | None = None   # a register added at test time (Jiang et al. 2025)
     fix_registers: FixRegMean | None = None   # registers fixed to their mean (Fix-Reg-Mean)
+    custom_label: str | None = None    # a label of your own for figures and tables ("CLIP-L"; profile files)
 
     @property
     def name(self) -> str:
@@ -98,6 +100,8 @@ class ModelSpec:
     def label(self) -> str:
         """Short label for figures: ``L+reg`` or ``L`` (DINOv2), ``L+ttr`` (a test-time register), ``H+ v3``
         (DINOv3, which always has registers)."""
+        if self.custom_label:
+            return self.custom_label
         if "dinov3" in self.arch:
             return f"{self.size} v3"
         return (self.size + ("+reg" if self.registers else "") + ("+ttr" if self.testtime else "")
@@ -111,6 +115,8 @@ class ModelSpec:
             out["test_time_register"] = self.testtime.describe()
         if self.fix_registers is not None:
             out["fixed_registers"] = self.fix_registers.describe()
+        if self.custom_label:
+            out["label"] = self.custom_label
         return out
 
     @classmethod
@@ -120,7 +126,7 @@ class ModelSpec:
         return cls(d["size"], d["arch"], d["name"].partition(".")[2] or None, d["weights"],
                    tuple(sorted(d["overrides"].items())),
                    testtime=None if tt is None else TestTime.from_description(tt),
-                   fix_registers=None if fr is None else FixRegMean(**fr))
+                   fix_registers=None if fr is None else FixRegMean(**fr), custom_label=d.get("label"))
 
 
 @dataclass(frozen=True)
@@ -365,6 +371,18 @@ PROFILES["smoke-laptop"] = replace(
     note="the smoke profile's S and B models only, shaped like the laptop profile (for tests)")
 
 
+def resolve_arch(name: str) -> str:
+    """The timm architecture of ``name`` (``arch`` or ``arch.tag``); unknown names list the closest."""
+    import timm
+
+    arch = name.split(".")[0]
+    if timm.is_model(arch):
+        return arch
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; closest timm names: {', '.join(close)}" if close else ""
+    raise RegclsError(f"unknown model {name!r}{hint}")
+
+
 def appendix_missing(profile: Profile, family: str) -> list[str]:
     """Sizes of an appendix family's series that ``profile`` lacks (the smoke profiles' series is its stand-ins)."""
     full = dict(SMOKE_APPENDIX if profile.name.startswith("smoke") else PAPER_APPENDIX)[family]
@@ -427,7 +445,7 @@ def active_profile(name: str | None = None, verbose: bool = True) -> Profile:
 FILE_FIELDS = {"dataset": str, "limit": (int, type(None)), "labelled": str, "labelled_limit": int,
                "labelled_classes": int, "img_size": int, "alt_img_size": int, "alt_limit": int,
                "batch_size": int, "device": str, "note": str}
-MODEL_FIELDS = {"size": str, "arch": str, "tag": str, "weights": str, "overrides": dict}
+MODEL_FIELDS = {"size": str, "arch": str, "tag": str, "weights": str, "overrides": dict, "label": str}
 
 
 def profile_from_file(path: str | os.PathLike) -> Profile:
@@ -439,6 +457,7 @@ def profile_from_file(path: str | os.PathLike) -> Profile:
 
         [[models]]
         size = "L"                # the size the chapters compare it as: S, B, L or g
+        label = "my L"            # optional: its label in figures and tables (default: L+reg, L)
         arch = "vit_large_patch14_reg4_dinov2"
         weights = "checkpoint:weights/model.safetensors"   # or "hub" (with tag = ...), "random:0"
 
@@ -501,6 +520,8 @@ def _model_from_file(entry, i: int, where: str, folder) -> ModelSpec:
     if entry["size"] not in SIZES:
         raise RegclsError(f"{where}: models[{i}] size {entry['size']!r}: the chapters compare the sizes "
                           f"{', '.join(SIZES)}; give the size your model stands for")
+    if "img_size" in entry.get("overrides", {}):
+        raise RegclsError(f"{where}: models[{i}] overrides img_size; the resolution is the profile's (img_size = ...)")
     weights = entry.get("weights", "hub")
     kind, _, arg = weights.partition(":")
     if kind == "checkpoint":
@@ -508,7 +529,7 @@ def _model_from_file(entry, i: int, where: str, folder) -> ModelSpec:
         weights = f"checkpoint:{file}"
     elif kind not in ("hub", "random"):
         raise RegclsError(f"{where}: models[{i}] weights {weights!r}: 'hub', 'random:SEED' or 'checkpoint:PATH'")
-    from .models import resolve_arch
     arch = resolve_arch(entry["arch"])
     tag = entry.get("tag") or entry["arch"].partition(".")[2] or None
-    return ModelSpec(entry["size"], arch, tag, weights, tuple(sorted(entry.get("overrides", {}).items())))
+    return ModelSpec(entry["size"], arch, tag, weights, tuple(sorted(entry.get("overrides", {}).items())),
+                     custom_label=entry.get("label"))
