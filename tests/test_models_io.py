@@ -153,7 +153,7 @@ def test_plan_lists_downloads():
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "vit_giant_patch14_reg4_dinov2.lvd142m" in r.stdout and "val2017.zip" in r.stdout
-    assert "59 traces (" in r.stdout and r.stdout.count("\n  trace ") == 59      # every trace the chapters read
+    assert "63 traces (" in r.stdout and r.stdout.count("\n  trace ") == 63      # every trace the chapters read
     assert "5000 images" in r.stdout and "PFLOP" in r.stdout and " GB of hub weights" in r.stdout
     lines = {tuple(line.split()[:3]) for line in r.stdout.splitlines()}
     assert ("trace", "L+ttr", "vit_large_patch14_dinov2.lvd142m") in lines                  # beyond the paper, too

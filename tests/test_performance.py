@@ -146,11 +146,11 @@ def test_device_benchmark_and_projection_run_on_the_cpu():
     tables = bench.device_tables(rows)
     assert [t["model"] for t in tables["speed"]] == [ARCH, ARCH] and len(tables["phases"]) == 1
     jobs = bench.paper_workload()
-    # both series, the labelled set, both series at 518 px, the other crop, and the appendix: DeiT III S-H, its
+    # both series, both on the labelled set, both series at 518 px, the other crop, and the appendix: DeiT III S-H, its
     # ImageNet-1k-only small, CLIP B-H, iBOT S-L; then DINOv3 S, S+, B, L, H+ at 224 and 256 px and on the labelled set,
     # DINOv2-L with a test-time register (L itself is traced already), the models with registers fixed to their mean
-    assert len(jobs) == 8 + 4 + 8 + 4 + 11 + 15 + 1 + 8
-    assert sum(j["img_size"] == 518 for j in jobs) == 8 and sum(j["dataset"] == "imagenetv2" for j in jobs) == 4 + 5 + 4
+    assert len(jobs) == 8 + 8 + 8 + 4 + 11 + 15 + 1 + 8
+    assert sum(j["img_size"] == 518 for j in jobs) == 8 and sum(j["dataset"] == "imagenetv2" for j in jobs) == 8 + 5 + 4
     assert sum(j["img_size"] == 256 for j in jobs) == 5 and sum("dinov3" in j["arch"] for j in jobs) == 15
     assert sum(j["crop_pct"] == 0.875 for j in jobs) == 4
     proj = bench.project_paper(rows, ready={"ready_s": 1.0, "file_gb": 1.0})

@@ -273,14 +273,14 @@ def disk_needed(profile: Profile, capped: bool = False) -> float:
 
 
 def workload(profile: Profile) -> list[Job]:
-    """Every trace the chapters read on ``profile``, each once: both model series on the unlabelled set, the
-    models with registers on the labelled set, at the other resolution and with the other preprocessing, the
+    """Every trace the chapters read on ``profile``, each once: both model series on the unlabelled set and on the
+    labelled set (the models without registers there for the "your model" chapter), at the other resolution and with the other preprocessing, the
     models without registers at the other resolution (Sec. 4.1's sensitivity), the appendix families, and beyond
     the paper DINOv3 on both sets, also at its own input size, the model with a test-time register (with the
     model it is built on, where the profile does not trace that already), and the models with registers fixed to
     their mean (Fix-Reg-Mean) on both sets."""
     jobs = [Job(m, profile.dataset, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
-    jobs += [Job(m, profile.labelled, profile.img_size) for m in profile.models_with(True)]
+    jobs += [Job(m, profile.labelled, profile.img_size) for reg in (True, False) for m in profile.models_with(reg)]
     jobs += [Job(m, profile.dataset, profile.alt_img_size) for reg in (True, False) for m in profile.models_with(reg)]
     jobs += [Job(m, profile.dataset, profile.img_size, profile.alt_crop_pct) for m in profile.models_with(True)]
     jobs += [Job(m, profile.dataset, profile.img_size) for _, models in profile.appendix for m in models]
