@@ -1,6 +1,7 @@
 """A profile of your own from a TOML file: models by timm name with hub, random or checkpoint weights (a Hugging Face
 DINOv2 file among them), settings over a base profile, its claims recorded under its own name, and one-line errors
 that name the file and the entry."""
+import json
 import os
 import subprocess
 import sys
@@ -143,3 +144,6 @@ def test_a_chapter_runs_on_a_profile_file_without_edits(tmp_path, chapter):
         return
     claims = list((tmp_path / "cache" / "claims").iterdir())
     assert [c.name for c in claims] == ["my-dinov2"]
+    rows = [r for f in claims[0].glob("*.json") for r in json.loads(f.read_text())]
+    assert rows and all("CLIP-L: vit_large_patch14_clip_224 (random:4)" in r["models"]
+                        and "model.safetensors" in r["models"] for r in rows)     # every row names its models

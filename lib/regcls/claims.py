@@ -97,6 +97,7 @@ class ClaimCheck:
     rule: str = ""  # the agreement rule with this run's numbers (Rule.text)
     stamp: str = field(default_factory=lambda: code_stamp())  # which code computed the row (commit, library)
     status: str = ""   # "not computed" where the row could not be computed here (with the reason in ``ours``)
+    models: str = ""   # the profile's models the row was measured on (label: timm name, weights)
 
     @property
     def stale(self) -> bool:
@@ -145,6 +146,7 @@ def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
     ``missing`` gives the missing sizes directly (appendix families, :func:`regcls.profiles.appendix_missing`).
     """
     what = f"its DINOv2 sizes: {', '.join(profile.sizes(True))}"
+    models = profile_models(profile)
     if missing is None:
         missing = [s for s in needs if s not in profile.sizes(True)]
     else:
@@ -152,12 +154,17 @@ def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
     if missing:
         measured = "" if callable(ours) else f" Measured: {ours}"
         return ClaimCheck(section, claim, paper, f"needs {', '.join(missing)}, which the {profile.name} profile "
-                          f"does not have ({what}).{measured}", None, profile.name)
+                          f"does not have ({what}).{measured}", None, profile.name, models=models)
     ours = ours() if callable(ours) else ours
     agrees = agrees() if callable(agrees) else agrees
     rule = agrees.text if isinstance(agrees, Rule) else ""
     return ClaimCheck(section, claim, paper, ours, bool(agrees.ok if isinstance(agrees, Rule) else agrees),
-                      profile.name, rule=rule)
+                      profile.name, rule=rule, models=models)
+
+
+def profile_models(profile: Profile) -> str:
+    """The models of a profile's two DINOv2 series, as a claim row records them: ``label: timm name (weights)``."""
+    return "; ".join(f"{m.label}: {m.name} ({m.weights})" for m in profile.models)
 
 
 def verdict_counts(checks: list[ClaimCheck]) -> dict[str, int]:
@@ -177,9 +184,11 @@ def table(checks: list[ClaimCheck], notes: list[str] | None = None, notes_title:
 
 
 def provenance(checks: list[ClaimCheck]) -> str:
-    """Which code computed these rows, in one line (the footnote under a claims table)."""
+    """Which code computed these rows, and on which models, in one line (the footnote under a claims table)."""
     stamps = sorted({c.stamp for c in checks})
-    return "Computed by: " + ("; ".join(stamps) if stamps else "-") + "."
+    models = sorted({c.models for c in checks if c.models})
+    return ("Computed by: " + ("; ".join(stamps) if stamps else "-") + "."
+            + (f" Models: {' | '.join(models)}." if models else ""))
 
 
 def downloads(checks: list[ClaimCheck], profile: str) -> str:
