@@ -125,25 +125,35 @@ def test_a_missing_profile_file_is_named(tmp_path):
         active_profile(str(tmp_path / "nothing.toml"))
 
 
-@pytest.mark.parametrize("chapter", ["sec3_1_register_attention", "your_model"])
-def test_a_chapter_runs_on_a_profile_file_without_edits(tmp_path, chapter):
-    """The fork's case: a chapter runs on the file's models (one from a Hugging Face checkpoint, one CLIP-L by timm
-    name with a label of its own), and its claims land under the file's name."""
-    import nbformat
-    from nbclient import NotebookClient
+CHAPTERS = sorted(p.stem for p in (ROOT / "chapters").glob("*.ipynb"))
 
-    path = write_profile(tmp_path)
-    env = {**os.environ, "REGCLS_PROFILE": str(path), "REGCLS_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+
+@pytest.fixture(scope="module")
+def fork(tmp_path_factory):
+    """A fork's profile file (a Hugging Face checkpoint, CLIP-L by timm name with a label of its own) and one trace
+    cache for every chapter run on it."""
+    folder = tmp_path_factory.mktemp("fork")
+    return write_profile(folder), folder / "cache"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chapter", sorted(CHAPTERS, key=lambda c: c == "summary_claims"))
+def test_every_chapter_runs_on_a_profile_file_without_edits(fork, chapter):
+    """The fork's case: every chapter runs on the file's models, its claims land under the file's name, and every
+    row names its models."""
+    path, cache_dir = fork
+    env = {**os.environ, "REGCLS_PROFILE": str(path), "REGCLS_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     code = (f"import nbformat; from nbclient import NotebookClient; "
             f"nb = nbformat.read({str(ROOT / 'chapters' / f'{chapter}.ipynb')!r}, as_version=4); "
             f"NotebookClient(nb, timeout=600, resources={{'metadata': {{'path': {str(ROOT / 'chapters')!r}}}}}).execute()")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    if chapter == "your_model":   # the template records no claims; its run record is the file's
-        assert [c.name for c in (tmp_path / "cache" / "chapters").iterdir()] == ["my-dinov2"]
+    assert [c.name for c in (cache_dir / "chapters").iterdir()] == ["my-dinov2"]   # its run record: the file's
+    if chapter in ("your_model", "controls", "summary_claims"):   # no claim rows of their own
         return
-    claims = list((tmp_path / "cache" / "claims").iterdir())
-    assert [c.name for c in claims] == ["my-dinov2"]
-    rows = [r for f in claims[0].glob("*.json") for r in json.loads(f.read_text())]
-    assert rows and all("CLIP-L: vit_large_patch14_clip_224 (random:4)" in r["models"]
-                        and "model.safetensors" in r["models"] for r in rows)     # every row names its models
+    assert [c.name for c in (cache_dir / "claims").iterdir()] == ["my-dinov2"]
+    rows = [r for f in (cache_dir / "claims" / "my-dinov2").glob("*.json") for r in json.loads(f.read_text())]
+    dinov2 = [r for r in rows if r["section"] != "App."]   # the appendix rows name their family's models
+    assert rows and all(r["models"] for r in rows) and all(
+        "CLIP-L: vit_large_patch14_clip_224 (random:4)" in r["models"] and "model.safetensors" in r["models"]
+        for r in dinov2)   # every row names its models

@@ -131,22 +131,26 @@ def verdict(c: ClaimCheck) -> str:
     return "yes" if c.agrees else "no"
 
 
-def not_computed(section: str, claim: str, paper: str, why: str, profile: Profile) -> ClaimCheck:
+def not_computed(section: str, claim: str, paper: str, why: str, profile: Profile,
+                 models: str | None = None) -> ClaimCheck:
     """A row whose numbers could not be computed on this machine (``why``: a missing checkpoint, say)."""
-    return ClaimCheck(section, claim, paper, f"not computed: {why}", None, profile.name, status="not computed")
+    return ClaimCheck(section, claim, paper, f"not computed: {why}", None, profile.name, status="not computed",
+                      models=profile_models(profile) if models is None else models)
 
 
 def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
-          needs: tuple[str, ...] = (), missing: list[str] | None = None) -> ClaimCheck:
+          needs: tuple[str, ...] = (), missing: list[str] | None = None, models: str | None = None) -> ClaimCheck:
     """A claim row; when ``profile`` lacks a model size in ``needs`` the row is "not testable" instead.
 
     ``ours`` is this run's numbers (text) and ``agrees`` a :class:`Rule`; either may be a function without
     arguments, called only when the profile has every size in ``needs`` (so that it may index them).
     ``needs`` names sizes of the DINOv2 models with registers (``("L", "g")``) the claim is about;
     ``missing`` gives the missing sizes directly (appendix families, :func:`regcls.profiles.appendix_missing`).
+    ``models``: the models the row was measured on, as recorded (default: the profile's DINOv2 series,
+    :func:`profile_models`).
     """
     what = f"its DINOv2 sizes: {', '.join(profile.sizes(True))}"
-    models = profile_models(profile)
+    models = profile_models(profile) if models is None else models
     if missing is None:
         missing = [s for s in needs if s not in profile.sizes(True)]
     else:
@@ -162,9 +166,11 @@ def check(section: str, claim: str, paper: str, ours, agrees, profile: Profile,
                       profile.name, rule=rule, models=models)
 
 
-def profile_models(profile: Profile) -> str:
-    """The models of a profile's two DINOv2 series, as a claim row records them: ``label: timm name (weights)``."""
-    return "; ".join(f"{m.label}: {m.name} ({m.weights})" for m in profile.models)
+def profile_models(profile: Profile, family: str | None = None) -> str:
+    """The models of a profile's two DINOv2 series (or of one appendix ``family``), as a claim row records them:
+    ``label: timm name (weights)``."""
+    models = profile.models if family is None else dict(profile.appendix).get(family, ())
+    return "; ".join(f"{m.label}: {m.name} ({m.weights})" for m in models)
 
 
 def verdict_counts(checks: list[ClaimCheck]) -> dict[str, int]:

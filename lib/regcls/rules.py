@@ -10,7 +10,7 @@ import numpy as np
 
 from . import maps, metrics
 from .claims import (ClaimCheck, Rule, above, all_of, below, check, interval_above, interval_below, monotone,
-                     not_computed, rises_within)
+                     not_computed, profile_models, rises_within)
 from .profiles import LESS_DATA, Profile
 
 
@@ -476,7 +476,8 @@ def appendix_not_computed(skipped: dict[str, str], profile: Profile) -> list[Cla
     for family, why in skipped.items():
         for key in FAMILY_ROWS.get(family, ()):
             claim, paper = appendix_row(key, family)
-            rows.setdefault(claim, not_computed("App.", claim, paper, f"{family}: {why}", profile))
+            rows.setdefault(claim, not_computed("App.", claim, paper, f"{family}: {why}", profile,
+                                                models=profile_models(profile, family)))
     return list(rows.values())
 
 
@@ -508,7 +509,7 @@ def appendix_disconnect_check(family: str, so: dict[str, dict], profile: Profile
                  lambda: all_of(monotone("patch-only CKA", ckp, increasing=False, tol=0.02, fmt=".3f"),
                                 interval_above(f"paired drop {small} - {big}", drop, APP_DROP, ".3f"),
                                 below(f"{big} patch-only CKA", ckp[big], APP_DISCONNECTED, ".3f")),
-                 profile, missing=missing)
+                 profile, missing=missing, models=profile_models(profile, family))
 
 
 def appendix_mirrors_check(family: str, lc: dict[str, np.ndarray], so: dict[str, dict], profile: Profile,
@@ -534,7 +535,7 @@ def appendix_mirrors_check(family: str, lc: dict[str, np.ndarray], so: dict[str,
                                   for s, g in gap.items()),
                                 above(f"{small} patch-only CKA", ckp[small], APP_CONNECTED, ".3f"),
                                 below(f"{big} patch-only CKA", ckp[big], APP_DISCONNECTED, ".3f")),
-                 profile, missing=missing)
+                 profile, missing=missing, models=profile_models(profile, family))
 
 
 def appendix_integration_checks(family: str, lc: dict[str, np.ndarray], profile: Profile, missing: list[str],
@@ -554,11 +555,11 @@ def appendix_integration_checks(family: str, lc: dict[str, np.ndarray], profile:
     return [
         check("App.", early, early_paper, shown,
               lambda: all_of(*(interval_below(f"{s} depth", d, APP_EARLY) for s, d in depth.items())),
-              profile, missing=missing),
+              profile, missing=missing, models=profile_models(profile, family)),
         check("App.", flat, flat_paper,
               shown + f"; range over {', '.join(sizes)} " + "{:.2f} [{:.2f}, {:.2f}]".format(*spread),
               lambda: interval_below("range of the integration depth over the sizes", spread, APP_SAME_DEPTH),
-              profile, missing=missing),
+              profile, missing=missing, models=profile_models(profile, family)),
     ]
 
 
