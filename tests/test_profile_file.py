@@ -112,6 +112,8 @@ def test_a_profile_file_with_a_wrong_setting_says_which(tmp_path, body, message)
     ('name = \n', "profile file"),
     ('name = "x"\n[[models]]\nsize = "S"\narch = "vit_small_patch14_dinov2"\noverrides = { img_size = 28 }\n',
      "overrides img_size"),
+    ('name = "x"\n[[models]]\nsize = "S"\narch = "vit_small_patch14_dinov2"\nweights = 3\n', "weights = 3 is not a string"),
+    ('name = "x"\n[[models]]\narch = "vit_small_patch14_dinov2"\n', "models\\[0\\] needs size"),
 ])
 def test_a_broken_profile_file_is_one_line_that_names_it(tmp_path, text, message):
     (tmp_path / "p.toml").write_text(text)

@@ -438,7 +438,11 @@ def project_paper(rows: list[dict], ready: dict | None = None) -> dict:
             near = nearest(gflop)
             total += job["images"] * gflop / (near["gflop_per_img"] * near["end_to_end_img_per_s"])
             scaled += 1
-        checks += check[key] if key in check else nearest(gflop)["check_s"] * gflop / nearest(gflop)["gflop_per_img"]
+        if key in check:
+            checks += check[key]
+        else:
+            near = nearest(gflop)
+            checks += near["check_s"] * gflop / near["gflop_per_img"]
         if ready and (job["arch"], job["img_size"]) not in seen:
             seen.add((job["arch"], job["img_size"]))
             loads += ready["ready_s"] / ready["file_gb"] * sum(p.numel() for p in model.parameters()) * 4 / 1e9

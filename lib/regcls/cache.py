@@ -274,8 +274,9 @@ def disk_needed(profile: Profile, capped: bool = False) -> float:
 
 def workload(profile: Profile) -> list[Job]:
     """Every trace the chapters read on ``profile``, each once: both model series on the unlabelled set and on the
-    labelled set (the models without registers there for the "your model" chapter), at the other resolution and with the other preprocessing, the
-    models without registers at the other resolution (Sec. 4.1's sensitivity), the appendix families, and beyond
+    labelled set (the models without registers there for the "your model" chapter), the models with registers at
+    the other resolution and with the other preprocessing, the models without registers at the other resolution
+    (Sec. 4.1's sensitivity), the appendix families, and beyond
     the paper DINOv3 on both sets, also at its own input size, the model with a test-time register (with the
     model it is built on, where the profile does not trace that already), and the models with registers fixed to
     their mean (Fix-Reg-Mean) on both sets."""

@@ -251,9 +251,9 @@ def hf_dinov2_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                "layer_scale2.lambda1": "ls2.gamma", "attention.output.dense": "attn.proj",
                "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
                "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3", "mlp.down_proj": "mlp.w3"}
-    fused = {"qkv": (("attention.attention.query", "attention.attention.key", "attention.attention.value"),
-                     ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
-             "w12": (("mlp.gate_proj", "mlp.up_proj"),)}
+    fused = {"attn.qkv": (("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+                          ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+             "mlp.w12": (("mlp.gate_proj", "mlp.up_proj"),)}
     out, used = {}, set()
     for k, v in sd.items():
         if k in top:
@@ -268,12 +268,12 @@ def hf_dinov2_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                 if key in sd:
                     out[dst + new + (f".{end}" if end else "")] = sd[key]
                     used.add(key)
-        for name, options in fused.items():
+        for new, options in fused.items():
             for parts in options:
                 for end in ("weight", "bias"):
                     keys = [f"{src}{p}.{end}" for p in parts]
                     if all(k in sd for k in keys):
-                        out[f"{dst}{'attn.qkv' if name == 'qkv' else 'mlp.w12'}.{end}"] = torch.cat([sd[k] for k in keys])
+                        out[f"{dst}{new}.{end}"] = torch.cat([sd[k] for k in keys])
                         used.update(keys)
     left = sorted(set(sd) - used)
     if left:

@@ -62,7 +62,7 @@ class Chapter:
 
     def claims(self, checks: list[ClaimCheck], part: str = "") -> None:
         """Record this chapter's claim rows for the claims page and show them: the verdict line (which the book
-        also shows at the top of the page, :data:`HEADLINE_JS`), the table, and which code computed them in one
+        also shows at the top of the page, ``book/_static/regcls.js``), the table, and which code computed them in one
         footnote. Returns nothing (the rows are shown)."""
         from IPython.display import HTML, display
 
@@ -209,10 +209,11 @@ def finish(start: float) -> str:
     line = f"This chapter took {here:.0f} s on {hardware()}"
     if earlier:
         where = sorted({r["computed_on"] for r in earlier if r.get("computed_on")})
-        line += (f"; the {_count(len(earlier), 'trace')} it read from the cache took {sum(known):.0f} s when "
-                 f"{'they were' if len(earlier) > 1 else 'it was'} computed"
+        many = len(earlier) > 1
+        line += (f"; the {len(earlier)} trace{'s' if many else ''} it read from the cache took {sum(known):.0f} s "
+                 f"when {'they were' if many else 'it was'} computed"
                  + (f" (on {', '.join(where)})" if where else "")
-                 + (f"; {_count(len(earlier) - len(known), 'of them')} from before their time was recorded"
+                 + (f"; {len(earlier) - len(known)} of them from before their time was recorded"
                     if len(known) < len(earlier) else ""))
     line += "."
     if len(set(PRECISIONS.values())) == 1:
@@ -220,8 +221,4 @@ def finish(start: float) -> str:
     elif PRECISIONS:
         line += " Precision of the traces it read: " + "; ".join(f"{k}: {v}" for k, v in PRECISIONS.items()) + "."
     return line
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if noun.startswith("of ") or n == 1 else f"{n} {noun}s"
 

@@ -49,8 +49,8 @@ def colour(label: str, labels=()) -> str:
     :data:`OTHER_COLOURS` by their place among ``labels``."""
     if label in PALETTE:
         return PALETTE[label]
-    others = [x for x in labels if x not in PALETTE] or [label]
-    return OTHER_COLOURS[others.index(label) % len(OTHER_COLOURS)] if label in others else OTHER_COLOURS[0]
+    others = [x for x in labels if x not in PALETTE]
+    return OTHER_COLOURS[others.index(label) % len(OTHER_COLOURS) if label in others else 0]
 
 
 def strip_by_size(ax, values: dict[str, np.ndarray], ylabel: str, registers: bool | None = None) -> None:

@@ -442,7 +442,7 @@ def active_profile(name: str | None = None, verbose: bool = True) -> Profile:
 
 
 # What a profile file may set, besides its models: the profile's own fields, each with the type it must have.
-FILE_FIELDS = {"dataset": str, "limit": (int, type(None)), "labelled": str, "labelled_limit": int,
+FILE_FIELDS = {"dataset": str, "limit": int, "labelled": str, "labelled_limit": int,
                "labelled_classes": int, "img_size": int, "alt_img_size": int, "alt_limit": int,
                "batch_size": int, "device": str, "note": str}
 MODEL_FIELDS = {"size": str, "arch": str, "tag": str, "weights": str, "overrides": dict, "label": str}
@@ -515,8 +515,12 @@ def _model_from_file(entry, i: int, where: str, folder) -> ModelSpec:
     if unknown:
         raise RegclsError(f"{where}: models[{i}] has unknown keys {', '.join(unknown)}; known: {', '.join(MODEL_FIELDS)}")
     for key in ("size", "arch"):
-        if not isinstance(entry.get(key), str):
+        if key not in entry:
             raise RegclsError(f"{where}: models[{i}] needs {key} (a string)")
+    for key, kind in MODEL_FIELDS.items():
+        if key in entry and not isinstance(entry[key], kind):
+            raise RegclsError(f"{where}: models[{i}] {key} = {entry[key]!r} is not "
+                              f"{'a string' if kind is str else 'a table'}")
     if entry["size"] not in SIZES:
         raise RegclsError(f"{where}: models[{i}] size {entry['size']!r}: the chapters compare the sizes "
                           f"{', '.join(SIZES)}; give the size your model stands for")

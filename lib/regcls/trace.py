@@ -169,12 +169,12 @@ class Tracer:
             self.rec["prefix_penult_ln"] = out[:, :P].clone()
 
         def on_projection(i, which, parts):   # EVA02: q, k and v from their own projections, in this order
-            def hook(_mod, _inp, out):
+            fused = on_qkv(i)
+
+            def hook(mod, inp, out):
                 parts[which] = out
                 if which == "v":   # the block's qkv as a fused projection would give it (B, N, 3*H*hd)
-                    qkv = torch.cat([parts.pop("q"), parts.pop("k"), parts.pop("v")], dim=-1)
-                    with own_arithmetic(qkv.device.type):
-                        record(i, qkv)
+                    fused(mod, inp, torch.cat([parts.pop("q"), parts.pop("k"), parts.pop("v")], dim=-1))
             return hook
 
         for i, blk in enumerate(blocks):
