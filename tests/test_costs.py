@@ -318,6 +318,72 @@ def test_a_chapter_records_what_it_read_and_its_peak_memory(monkeypatch, smoke, 
     assert dict(t["overrides"]) == dict(spec.overrides) and 0.05 < saved["peak_rss_gb"] < 24 and saved["seconds"] == 1.5
 
 
+def test_a_chapter_records_which_traces_it_held_at_once(monkeypatch, smoke, tmp_path):
+    """What the rehearsal projects a chapter's memory from: each time the arrays held grew, the traces alive and
+    what each held. A trace from the cache holds only the arrays read of it (each read from the file when first
+    used, equal to the file's); traces read through ``keep`` are let go one by one; two a chapter holds are
+    recorded together."""
+    from regcls import cache, page
+
+    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
+    for name, value in (("READ", {}), ("HELD", []), ("_ALIVE", [])):
+        monkeypatch.setattr(cache, name, value)
+    monkeypatch.setattr(page, "READ", cache.READ)
+    monkeypatch.setattr(page, "HELD", cache.HELD)
+    S, B = smoke.model("S", True), smoke.model("B", True)
+    kept = cache.profile_traces(smoke, True, img_size=28, progress=False, specs=[S, B],
+                                keep=lambda t: float(t["cls_layers"].sum()))
+    rec = page.record_run("one_at_a_time", smoke, 1.0)
+    assert max(map(len, rec["held"])) == 1 and {i for h in rec["held"] for i, _ in h} == {0, 1}
+    a = cache.trace_for(smoke, S, img_size=28, progress=False)
+    b = cache.trace_for(smoke, B, img_size=28, progress=False)
+    full = load_trace(a.path)
+    assert set(full) - {"meta"} == set(a.shapes) | {"skip"} and dict.keys(a) == {"image_ids", "labels", "meta"} & set(full)
+    assert kept[S.size] == float(full["cls_layers"].sum())
+    np.testing.assert_array_equal(a["skip"], full["skip"])   # read with prefix_penult, its view
+    assert "cls_attn" in a and "nothing" not in a and a.get("nothing") is None and "cls_attn" not in dict.keys(a)
+    np.testing.assert_array_equal(a["cls_attn"], full["cls_attn"])
+    b["cls_layers"]
+    rec = page.record_run("both", smoke, 1.0)
+    n = len(full["image_ids"])
+
+    def held(t):   # what a trace holds in memory, per image
+        return sum(v.nbytes for k, v in dict.items(t) if k not in ("meta", "skip")) / n
+
+    assert sorted(dict.keys(b)) == sorted({"image_ids", "meta", "cls_layers"} | ({"labels"} & set(full)))
+    assert max(rec["held"], key=lambda h: sum(x for _, x in h)) == [[0, round(held(a))], [1, round(held(b))]]
+    assert held(a) < 0.5 * sum(v.nbytes for k, v in full.items() if k not in ("meta", "skip")) / n
+
+
+def test_the_rehearsal_projects_a_chapters_memory_from_the_traces_it_held_at_once(tmp_path):
+    """The full run's memory of a chapter: its peak plus the most its traces held at once, each trace's bytes per
+    image times the images the cap left out; a chapter over the limit is named, with the others."""
+    import rehearsal
+    from regcls.profiles import PROFILES
+
+    paper = PROFILES["paper"]
+    full = rehearsal._full_images(paper, paper.dataset, 224)
+    t = {"arch": "vit_small_patch14_reg4_dinov2", "dataset": paper.dataset, "img_size": 224, "images": 4}
+    traces = [t, t, t]
+    folder = tmp_path / "chapters" / "paper"
+    folder.mkdir(parents=True)
+    M = 2**20   # bytes per image: 1, 2 and 4 MiB
+    for name, held in (("a", [[[0, M]], [[1, 2 * M], [2, 4 * M]]]), ("b", [[[0, M], [1, 2 * M]], [[2, 4 * M]]]),
+                       ("c", [[[0, M], [1, 2 * M], [2, 4 * M]]])):
+        (folder / f"{name}.json").write_text(json.dumps({"chapter": name, "seconds": 1.0, "peak_rss_gb": 1.0,
+                                                         "traces": traces, "held": held}))
+    rows = {r["chapter"]: r for r in rehearsal.chapter_rows(paper, tmp_path)}
+    left = (full - 4) / 1024   # GiB per MiB per image
+    assert rows["a"]["full_run_gb"] == pytest.approx(1 + 6 * left)
+    assert rows["b"]["full_run_gb"] == pytest.approx(1 + 4 * left)
+    assert rows["c"]["full_run_gb"] == pytest.approx(1 + 7 * left) and rows["c"]["held_at_once"] == 3
+    limit = rehearsal.MEMORY_LIMIT_GB["paper"]
+    assert rows["b"]["full_run_gb"] < limit < rows["a"]["full_run_gb"]
+    with pytest.raises(SystemExit, match=r"chapter a would hold .* \(2 traces at once\); chapter c would hold"):
+        rehearsal.check_chapter_memory(paper, list(rows.values()))
+    rehearsal.check_chapter_memory(paper, [rows["b"]])
+
+
 def test_a_page_shows_the_time_its_numbers_took_its_cached_traces_included(monkeypatch, smoke, tmp_path):
     """A chapter rerun on cached traces takes seconds; the page's time counts what computing those traces took
     (recorded in each trace file), and not a trace this run computed itself twice."""

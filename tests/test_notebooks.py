@@ -1,11 +1,14 @@
 """The chapters' cells are ones a reader can lift: every figure is its own cell with a caption and a name (so that
 prose and the claims can refer to it), figures and computations sit in separate cells, and the imports are shown."""
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-CHAPTERS = sorted((Path(__file__).resolve().parents[1] / "chapters").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
 
 def cells(path: Path) -> list[dict]:
@@ -30,6 +33,28 @@ def test_every_figure_is_a_named_captioned_cell_of_its_own(path):
             f"{path.stem}: {figure['name']} shows more than its figure (split the cell)"
         assert "ch.traces(" not in text and "def " not in text, \
             f"{path.stem}: {figure['name']} also computes (give the computation its own cell)"
+
+
+def test_a_figure_of_the_paper_says_which_and_links_to_it():
+    """A figure that redoes one of the paper's opens with its number, linked to the paper's figure (the book does not
+    number figures itself: its numbers would clash with the paper's)."""
+    captions = {c["metadata"]["mystnb"]["figure"]["name"]: c["metadata"]["mystnb"]["figure"]["caption"]
+                for p in CHAPTERS for c in cells(p) if "figure" in c["metadata"].get("mystnb", {})}
+    paper = {n: c for n, c in captions.items() if "Fig." in c}
+    assert len(paper) >= 9, sorted(paper)
+    for name, caption in paper.items():
+        assert caption.count("Fig. ") == caption.count("[paper Fig. "), (name, caption)   # each one a link
+        for fig, anchor in re.findall(r"\[paper Fig\. (\w+)\]\(https://arxiv\.org/html/2505\.05892#([\w.]+)\)", caption):
+            assert anchor.endswith(f".F{fig.rstrip('ab')}"), (name, fig, anchor)
+    assert yaml.safe_load((ROOT / "_config.yml").read_text())["sphinx"]["config"]["numfig"] is False
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_a_bar_chart_keeps_its_legend_beside_the_bars(path):
+    for cell in cells(path):
+        text = source(cell)
+        if ".bar(" in text or "interval_bars(" in text:
+            assert ".legend(" not in text, f"{path.stem}: a legend drawn over bars (plots.legend_beside puts it beside)"
 
 
 def test_figure_names_are_unique_across_the_book():

@@ -3,6 +3,7 @@ page itself, figures with a real size, the smoke banner, and a Colab button for 
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -102,6 +103,10 @@ def test_repository_url_is_configured_once_and_agrees():
         assert f'"regcls @ git+{url}"' in nb.read_text().replace('\\"', '"'), nb.name
 
 
+# The paper's figures in its arXiv HTML (LaTeXML's ids: figure N of section S is SS.FN, of appendix A A1.FN)
+PAPER_HTML = "https://arxiv.org/html/2505.05892#"
+PAPER_ANCHOR = {"2": "S3.F2", "3": "S3.F3", "4": "S3.F4", "5": "S4.F5", "6": "S4.F6", "9": "A1.F9"}
+
 # Chapters whose claims table (and so whose verdict line) the page shows
 CLAIMS = {p.stem for p in (ROOT / "chapters").glob("*.ipynb") if "ch.claims(" in p.read_text()}
 
@@ -127,8 +132,14 @@ def test_chapter_page(site, browser, chapter):
     assert all(d >= 1.9 for d in density), density   # figures have twice the pixels they are shown at
     if chapter != "summary_claims":  # every computed figure has loaded with a real size
         assert len(sizes) >= FIGURES.get(chapter, 1) and all(w > 200 and h > 150 for w, h in sizes), sizes
-    for name in FIGURE_NAMES[chapter]:   # each named figure is a numbered figure with its caption
+    for name in FIGURE_NAMES[chapter]:   # each named figure has its caption; the paper's numbers, not the book's
         assert page.locator(f"figure#{name} figcaption").count() == 1, name
+        caption = page.inner_text(f"figure#{name} figcaption")
+        assert not re.match(r"\s*Fig\. \d", caption), caption
+        links = page.eval_on_selector_all(f"figure#{name} figcaption a", "els => els.map(e => [e.innerText, e.href])")
+        for text, href in links:   # "paper Fig. 2a" leads to that figure of the paper
+            if text.startswith("paper Fig."):
+                assert href == PAPER_HTML + PAPER_ANCHOR[text.split()[-1].rstrip("ab")], (text, href)
     assert page.locator(".regcls-smoke-banner").count() == 1
     # the first screen: the verdict of the page's claims and its first figure, above any code
     first_code = page.eval_on_selector("div.cell div.highlight", "e => e.getBoundingClientRect().top") \
@@ -201,3 +212,43 @@ def test_every_attention_map_has_its_colourbar():
     assert len(bars) == 6 and len(fig.axes) == 9 + 6
     assert bars[-1].get_ylabel() == "share of [CLS] attention"
     assert all(t.get_size() >= 9 for ax in bars for t in ax.get_yticklabels())
+
+
+def test_a_legend_beside_the_bars_covers_none_of_them():
+    """Bars reaching the top of the axes, legend included: the legend lies outside the axes and inside the figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from regcls import plots
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax in axes:
+        plots.interval_bars(ax, {s: {"patch": (1.0, 0.98, 1.0), "reg": (0.97, 0.9, 1.0)} for s in "SBLg"}, ("patch", "reg"))
+        ax.set_ylim(0, 1.05)
+    legend = plots.legend_beside(axes[0])
+    plt.tight_layout()
+    fig.canvas.draw()
+    box, renderer = legend.get_window_extent(), fig.canvas.get_renderer()
+    assert not box.overlaps(axes[0].get_window_extent()) and not box.overlaps(axes[1].get_window_extent())
+    assert fig.bbox.contains(box.x1, box.y0) and all(t.get_size() >= 9 for t in legend.get_texts())
+    assert not any(box.overlaps(b.get_window_extent(renderer)) for ax in axes for b in ax.patches)
+    plt.close(fig)
+
+
+def test_values_that_differ_read_differently():
+    """The 'two extremes' of Sec. 3.1 when their shares tie at two decimals: as many decimals as tell them apart."""
+    from regcls.plots import distinct
+
+    assert distinct([0.5012, 0.5047, 0.93]) == ["0.501", "0.505", "0.930"]
+    assert distinct([0.25, 0.75]) == ["0.25", "0.75"] and distinct([0.5, 0.5]) == ["0.50", "0.50"]
+    assert distinct([1 / 3, 1 / 3 + 1e-9]) == ["0.333333", "0.333333"]   # no further than six decimals
+
+
+def test_an_estimate_and_its_interval_share_one_cell():
+    from regcls.plots import interval_table
+
+    table = interval_table([{"size": "S", "CKA": 0.9661, "95% CI": "[0.950, 0.980]", "ratio": 2.0, "ratio 95% CI": "[1.9, 2.1]",
+                             "note": "x", "95% CI ": "[0, 1]"}])
+    df = table.data
+    assert list(df.columns) == ["size", "CKA [95% CI]", "ratio [95% CI]", "note", "95% CI "]   # text keeps its own
+    assert df.iloc[0].tolist() == ["S", "0.966 [0.950, 0.980]", "2.000 [1.9, 2.1]", "x", "[0, 1]"]

@@ -7,9 +7,13 @@ import hashlib
 import json
 import math
 import os
+import weakref
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from .data import DATASETS, ImageList, dataset_files, eval_config
 from .env import cache_dir, resolve_device, use_amp
@@ -19,7 +23,8 @@ from .profiles import ModelSpec, Profile
 from .launch import World, merge_parts, part_path
 from .precision import check_summary
 from .runner import shard_range, trace_files
-from .tracefile import TRACE_SCHEMA, check_trace, load_trace, per_image_shapes
+from .errors import RegclsError
+from .tracefile import DERIVED, TRACE_SCHEMA, Trace, check_trace, derive, per_image_shapes
 
 
 def prepare_build(folder: str | Path, profile: str, lib_root: Path | None = None, always: tuple = ()) -> list[str]:
@@ -66,7 +71,8 @@ def content_key(parts: dict) -> str:
 def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None = None,
               classes: int | None = None, checkpoint: str | Path | None = None, batch_size: int | None = None, device: str = "cpu",
               amp: bool = False, progress: bool = True, crop_pct: float | None = None) -> dict:
-    """The trace of ``spec`` on ``dataset`` (from the cache when it is there), as :func:`load_trace` gives.
+    """The trace of ``spec`` on ``dataset`` (from the cache when it is there), a :class:`CachedTrace` (its arrays
+    read from the file as they are used).
 
     The cache key holds everything that changes the numbers (model, weights, dataset, images, resolution,
     preprocessing, precision, schema and the trace code); a damaged entry is set aside and computed again.
@@ -91,11 +97,11 @@ def get_trace(spec: ModelSpec, dataset: str, *, img_size: int, limit: int | None
     with output_lock(e.path, wait=True):
         if e.path.is_file():
             try:
-                return _loaded(check_trace(load_trace(e.path), e.key))
+                return _loaded(read_cached(e.path, e.key))
             except DAMAGED as err:
                 set_aside(e.path, err)
         _trace_entry(e, e.images, e.path, batch_size, device, progress)
-        return _loaded(load_trace(e.path), computed=True)
+        return _loaded(read_cached(e.path), computed=True)
 
 
 class Entry(NamedTuple):
@@ -188,6 +194,84 @@ def fill_shard(spec: ModelSpec, dataset: str, world: World, *, img_size: int, li
 # dataset, resolution, images), for the chapter's record of what it read.
 PRECISIONS: dict[str, str] = {}
 READ: dict[str, dict] = {}
+# Every trace read, as a weak reference (READ key, the trace), and each time the arrays held grew (a trace read, or
+# an array of one read from its file) what every trace still alive held then: (READ key, bytes per image), one
+# entry per copy. The largest of these sums, each trace's bytes scaled to the full run's images, is what the
+# chapter holds at most on the full run (tests/rehearsal.py).
+_ALIVE: list[tuple[str, weakref.ref]] = []
+HELD: list[list[tuple[str, float]]] = []
+
+
+def held_now() -> list[tuple[str, float]]:
+    """(READ key, bytes per image held) of every trace read so far that is still alive, in the order read."""
+    alive = [(k, r, r()) for k, r in _ALIVE]
+    _ALIVE[:] = [(k, r) for k, r, t in alive if t is not None]
+    return [(k, _bytes_per_image(t)) for k, _, t in alive if t is not None]
+
+
+def _bytes_per_image(trace: dict) -> float:
+    """Bytes the trace's per-image arrays hold in memory, per image (views such as ``skip`` not counted twice)."""
+    n = len(dict.get(trace, "image_ids", ())) or 1
+    return sum(a.nbytes for k, a in dict.items(trace) if isinstance(a, np.ndarray) and k not in DERIVED
+               and a.ndim and a.shape[0] == n) / n
+
+
+class CachedTrace(Trace):
+    """A trace read from the cache whose arrays are read from its file the first time each is used: a chapter holds
+    only the arrays it uses (of a ViT-g trace of 10,000 ImageNet images, 5.3 GiB in all, the knockout reads 0.5).
+    ``image_ids``, ``labels`` and ``meta`` are read at once; ``shapes`` has every array's shape."""
+
+    def __init__(self, path: Path, small: dict, shapes: dict[str, tuple[int, ...]]):
+        super().__init__(small)
+        self.path, self.shapes = path, shapes
+
+    def __missing__(self, key: str):
+        if key in DERIVED and "prefix_penult" in self.shapes:
+            self["prefix_penult"]   # skip is its view (tracefile.derive)
+            return dict.__getitem__(self, key)
+        if key not in self.shapes:
+            raise KeyError(key)
+        try:
+            with open(self.path, "rb") as f, np.load(f, allow_pickle=False) as z:
+                value = z[key]
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise RegclsError(f"trace {self.path} can no longer be read ({key}: {e}); delete it and run again") from None
+        self[key] = value
+        if key == "prefix_penult":
+            derive(self)
+        HELD.append(held_now())
+        return value
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or key in self.shapes or (key in DERIVED and "prefix_penult" in self.shapes)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+def read_cached(path: Path, key: str | None = None) -> CachedTrace:
+    """The trace in ``path`` as a :class:`CachedTrace`, checked as :func:`regcls.tracefile.check_trace` checks a
+    trace (every array of the schema, one row per image, the cache key) from the arrays' headers alone."""
+    path = Path(path)
+    with zipfile.ZipFile(path) as z:
+        shapes = {}
+        for name in z.namelist():
+            with z.open(name) as f:
+                major, _ = np.lib.format.read_magic(f)
+                header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shapes[name.removesuffix(".npy")] = header(f)[0]
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+        small = {k: z[k] for k in ("image_ids", "labels", "meta_json") if k in shapes}
+    small["meta"] = json.loads(str(small.pop("meta_json")))
+    if small["meta"].get("trace_schema") != TRACE_SCHEMA:
+        raise RegclsError(f"trace {path} has schema {small['meta'].get('trace_schema')}, expected {TRACE_SCHEMA}")
+    del shapes["meta_json"]
+    # check_trace reads each array's shape: stand-ins of that shape holding one float each (zero strides)
+    stand_in = {k: np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=s, strides=(0,) * len(s))
+                for k, s in shapes.items() if k not in small}
+    derive(stand_in)
+    check_trace({**stand_in, **small}, key)
+    return CachedTrace(path, small, shapes)
 
 
 def _loaded(trace: dict, computed: bool = False) -> dict:
@@ -208,6 +292,8 @@ def _loaded(trace: dict, computed: bool = False) -> dict:
                  "img_size": meta.get("img_size"), "geometry": meta.get("geometry"), "images": meta.get("n_images"),
                  "precision": meta.get("precision_mode", "fp32"), "seconds": meta.get("trace_seconds"),
                  "computed_on": meta.get("computed_on"), "computed_here": computed}
+    _ALIVE.append((key, weakref.ref(trace)))
+    HELD.append(held_now())
     return trace
 
 
@@ -234,12 +320,15 @@ def profile_options(profile: Profile, dataset: str, img_size: int | None = None)
 
 
 def profile_traces(profile: Profile, registers: bool, dataset: str | None = None, img_size: int | None = None,
-                   progress: bool = True, crop_pct: float | None = None, specs=None) -> dict[str, dict]:
+                   progress: bool = True, crop_pct: float | None = None, specs=None, keep=None) -> dict[str, dict]:
     """Traces of every DINOv2 model of ``profile`` with (or without) registers, keyed by size ("S", ... "g"); or of
-    ``specs`` (e.g. ``profile.dinov3``), keyed by their sizes."""
+    ``specs`` (e.g. ``profile.dinov3``), keyed by their sizes. With ``keep`` (a function of one trace), what it
+    returns instead of each trace, every trace let go before the next is read: a full run's traces can take more
+    memory together than the machine has (a ViT-g trace of 10,000 ImageNet images holds 5 GiB)."""
     models = profile.models_with(registers) if specs is None else list(specs)
+    keep = keep or (lambda trace: trace)
     with model_reuse():
-        return {m.size: trace_for(profile, m, dataset, img_size, progress, crop_pct) for m in models}
+        return {m.size: keep(trace_for(profile, m, dataset, img_size, progress, crop_pct)) for m in models}
 
 
 class Job(NamedTuple):

@@ -14,7 +14,7 @@ import html
 import time
 
 from . import REPOSITORY, plots
-from .cache import PRECISIONS, READ, profile_traces, trace_for
+from .cache import HELD, PRECISIONS, READ, profile_traces, trace_for
 from .claims import VERDICTS, ClaimCheck, provenance, record, table, verdict_counts
 from .env import hardware, image_cap, records_dir
 from .files import atomic_write_text
@@ -36,10 +36,11 @@ class Chapter:
         display(banner(self.profile))
 
     def traces(self, registers: bool = True, dataset: str | None = None, img_size: int | None = None,
-               crop_pct: float | None = None, specs=None) -> dict[str, dict]:
+               crop_pct: float | None = None, specs=None, keep=None) -> dict[str, dict]:
         """The profile's traces of the DINOv2 models with (or without) registers, keyed by size; or of ``specs``
-        (e.g. ``profile.dinov3``)."""
-        return profile_traces(self.profile, registers, dataset, img_size, crop_pct=crop_pct, specs=specs)
+        (e.g. ``profile.dinov3``). ``keep(trace)``: what to keep of each instead, one trace in memory at a time
+        (:func:`regcls.cache.profile_traces`)."""
+        return profile_traces(self.profile, registers, dataset, img_size, crop_pct=crop_pct, specs=specs, keep=keep)
 
     def trace(self, spec: ModelSpec, dataset: str | None = None, img_size: int | None = None):
         """One model's trace (e.g. ``profile.testtime``) on the profile's images and settings, unless told."""
@@ -184,7 +185,9 @@ def glue(name: str, value, display: bool = False) -> None:
 def record_run(name: str, profile: Profile, seconds: float) -> dict:
     """What a chapter's run took, in ``chapters/PROFILE/NAME.json`` of :func:`regcls.env.records_dir`: seconds,
     the hardware, the peak resident memory of its process (Linux), and every trace it read (model, dataset,
-    resolution, images, precision), from which the reproducing page projects a chapter's time on other hardware."""
+    resolution, images, precision), from which the reproducing page projects a chapter's time on other hardware;
+    and what it held at once (``held``: each time its arrays grew, ``[index into traces, bytes per image]`` of every
+    trace alive then), from which the rehearsal projects its memory on the full run."""
     import json
     from pathlib import Path
 
@@ -193,8 +196,10 @@ def record_run(name: str, profile: Profile, seconds: float) -> dict:
     if status.is_file():
         line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None)
         peak = int(line.split()[1]) / 2**20 if line else None
+    index = {k: i for i, k in enumerate(READ)}
+    held = sorted({tuple(sorted((index[k], round(b)) for k, b in now if k in index)) for now in HELD} - {()})
     out = {"chapter": name, "profile": profile.name, "seconds": seconds, "hardware": hardware(), "peak_rss_gb": peak,
-           "images_cap": image_cap(), "traces": list(READ.values())}
+           "images_cap": image_cap(), "traces": list(READ.values()), "held": [[list(t) for t in h] for h in held]}
     atomic_write_text(records_dir() / "chapters" / profile.name / f"{name}.json", json.dumps(out, indent=1))
     return out
 
