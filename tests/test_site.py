@@ -140,6 +140,8 @@ def test_chapter_page(site, browser, chapter):
         for text, href in links:   # "paper Fig. 2a" leads to that figure of the paper
             if text.startswith("paper Fig."):
                 assert href == PAPER_HTML + PAPER_ANCHOR[text.split()[-1].rstrip("ab")], (text, href)
+    names = page.eval_on_selector_all("p.regcls-numbers a[download]", "els => els.map(e => e.download)")
+    assert names == [f"{n}.csv" for n in FIGURE_NAMES[chapter]], names   # each figure's numbers beside it
     assert page.locator(".regcls-smoke-banner").count() == 1
     # the first screen: the verdict of the page's claims and its first figure, above any code
     first_code = page.eval_on_selector("div.cell div.highlight", "e => e.getBoundingClientRect().top") \
@@ -188,6 +190,20 @@ def test_the_claims_page_counts_its_rows_and_says_why_a_smoke_row_disagrees(site
     assert len(list(csv.DictReader(io.StringIO(base64.b64decode(href.split(",", 1)[1]).decode())))) == total
     notes = [r[col["on the smoke profile"]] for r in rows]
     assert all(n == "expected: yes" or n.startswith("expected: no -- ") for n in notes), notes
+    # each row's section leads to the verdict line of its chapter's claims; each verdict has its colour
+    links = page.eval_on_selector_all(".cell_output table tbody tr td:first-child a", "els => els.map(e => e.href)")
+    assert len(links) == total, (len(links), total)
+    for target in sorted(set(links)):
+        other = browser.new_page()
+        other.goto(target, wait_until="load")
+        assert other.locator(f".regcls-verdict#{target.split('#')[1]}").count() == 1, target
+        other.close()
+    tint = page.eval_on_selector_all(f".cell_output table tbody tr td:nth-child({col['agrees'] + 1})",
+                                     "els => els.map(e => [e.innerText.trim(), getComputedStyle(e).backgroundColor])")
+    by_verdict = {}
+    for v, c in tint:
+        by_verdict.setdefault(v.split(" (stale")[0], set()).add(c)
+    assert all(len(c) == 1 for c in by_verdict.values()) and len({c.pop() for c in by_verdict.values()}) == len(by_verdict)
     page.close()
 
 
@@ -252,3 +268,36 @@ def test_an_estimate_and_its_interval_share_one_cell():
     df = table.data
     assert list(df.columns) == ["size", "CKA [95% CI]", "ratio [95% CI]", "note", "95% CI "]   # text keeps its own
     assert df.iloc[0].tolist() == ["S", "0.966 [0.950, 0.980]", "2.000 [1.9, 2.1]", "x", "[0, 1]"]
+
+
+def test_a_figures_numbers_are_what_it_draws():
+    """Bars at their tick labels, whiskers as intervals, lines, points and map cells; a photo left out; the link
+    downloads them as CSV."""
+    import base64
+    import csv
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from regcls import plots
+
+    fig, (a, b, c) = plt.subplots(1, 3)
+    plots.interval_bars(a, {"S": {"patch": (0.9, 0.8, 1.0)}, "g": {"patch": (0.2, 0.1, 0.3)}}, ("patch",))
+    a.set_title("knockout")
+    b.plot([1, 2], [3, 4], label="S")
+    b.scatter([5], [6], label="images")
+    c.imshow(np.zeros((2, 2, 3)))
+    c.imshow(np.arange(6.0).reshape(2, 3))
+    rows = plots.figure_numbers(fig)
+    bars = [(r["x"], r["y"]) for r in rows if r["kind"] == "bar"]
+    assert bars == [("S", 0.9), ("g", 0.2)] and all(r["panel"] == "knockout" for r in rows[:4])
+    assert [(r["x"], r["y"], r["y_high"]) for r in rows if r["kind"] == "interval"] == [("S", 0.8, 1.0), ("g", 0.1, 0.3)]
+    assert [(r["x"], r["y"]) for r in rows if r["kind"] == "line"] == [(1.0, 3.0), (2.0, 4.0)]
+    assert [(r["x"], r["y"], r["series"]) for r in rows if r["kind"] == "point"] == [(5.0, 6.0, "images")]
+    assert [r["value"] for r in rows if r["kind"] == "map"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]   # the photo: no rows
+    html = plots.numbers(fig, "fig-x").data
+    data = base64.b64decode(html.split("base64,")[1].split('"')[0]).decode()
+    assert len(list(csv.DictReader(io.StringIO(data)))) == len(rows) and 'download="fig-x.csv"' in html
+    plt.close(fig)

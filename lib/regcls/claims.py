@@ -4,11 +4,12 @@ section of the paper, built from these, are in :mod:`regcls.rules`."""
 from __future__ import annotations
 
 import functools
+import html
 import json
 from dataclasses import asdict, dataclass, field
 
 from .env import image_cap, records_dir
-from .files import LIB_ROOT, atomic_write_text, library_digest
+from .files import LIB_ROOT, atomic_write_text, data_link, library_digest
 from .profiles import Profile
 
 
@@ -98,6 +99,7 @@ class ClaimCheck:
     stamp: str = field(default_factory=lambda: code_stamp())  # which code computed the row (commit, library)
     status: str = ""   # "not computed" where the row could not be computed here (with the reason in ``ours``)
     models: str = ""   # the profile's models the row was measured on (label: timm name, weights)
+    page: str = ""     # where the chapter shows the row: "sec3_3_register_knockout.html#claims-sec3_3"
 
     @property
     def stale(self) -> bool:
@@ -178,15 +180,24 @@ def verdict_counts(checks: list[ClaimCheck]) -> dict[str, int]:
     return {v: sum(verdict(c) == v for c in checks) for v in VERDICTS}
 
 
-def table(checks: list[ClaimCheck], notes: list[str] | None = None, notes_title: str = "note"):
-    """A page table: claim, paper, this run, profile, verdict; ``notes`` (one per row) in a column of their own."""
+# The tint of each verdict's cell in a table (the verdict lines' colours, book/_static/regcls.css, made light)
+VERDICT_COLOURS = {"yes": "#e3f1e6", "no": "#fbe3e1", "not testable": "#eeeeee", "not computed": "#fdf0d9"}
+
+
+def table(checks: list[ClaimCheck], notes: list[str] | None = None, notes_title: str = "note", links: bool = False):
+    """A page table: claim, paper, this run, profile, verdict (its cell coloured by it); ``notes`` (one per row) in a
+    column of their own; ``links``: each section links to where its chapter shows the row (the claims page)."""
     import pandas as pd
 
-    df = pd.DataFrame([{"section": c.section, "claim": c.claim, "paper": c.paper, "this run": c.ours,
+    def section(c):
+        return f'<a href="{html.escape(c.page)}">{html.escape(c.section)}</a>' if links and c.page else html.escape(c.section)
+
+    df = pd.DataFrame([{"section": section(c), "claim": c.claim, "paper": c.paper, "this run": c.ours,
                         "rule (agrees if)": c.rule or "-", "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
                         "agrees": verdict(c) + (" (stale: other code, rerun the chapter)" if c.stale else ""),
                         **({notes_title: notes[i]} if notes is not None else {})} for i, c in enumerate(checks)])
-    return df.style.hide(axis="index")
+    colour = [f"background-color: {VERDICT_COLOURS[verdict(c)]}" for c in checks]
+    return df.style.hide(axis="index").apply(lambda _: colour, subset=["agrees"]) if checks else df.style.hide(axis="index")
 
 
 def provenance(checks: list[ClaimCheck]) -> str:
@@ -200,7 +211,6 @@ def provenance(checks: list[ClaimCheck]) -> str:
 def downloads(checks: list[ClaimCheck], profile: str) -> str:
     """Links that download these rows as CSV and as JSON (every field, the verdict among them), embedded in the
     page itself (data URLs): the same in the book, in Jupyter and on Colab, with no file beside the page."""
-    import base64
     import csv
     import io
 
@@ -209,14 +219,9 @@ def downloads(checks: list[ClaimCheck], profile: str) -> str:
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["verdict"], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-
-    def link(data: str, kind: str, ext: str) -> str:
-        url = f"data:{kind};base64,{base64.b64encode(data.encode()).decode()}"
-        return f'<a href="{url}" download="claims-{profile}.{ext}">claims-{profile}.{ext}</a>'
-
     return (f'<p class="regcls-downloads">Download the {len(rows)} rows: '
-            f'{link(text.getvalue(), "text/csv", "csv")} &middot; '
-            f'{link(json.dumps(rows, indent=1), "application/json", "json")}</p>')
+            f'{data_link(text.getvalue(), "text/csv", f"claims-{profile}.csv")} &middot; '
+            f'{data_link(json.dumps(rows, indent=1), "application/json", f"claims-{profile}.json")}</p>')
 
 
 def record(chapter: str, checks: list[ClaimCheck]) -> None:

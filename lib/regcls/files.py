@@ -177,3 +177,12 @@ def output_lock(path: str | Path, wait: bool = False, poll: float = 0.2):
     finally:
         _HELD.discard(key)
         os.close(fd)
+
+
+def data_link(data: str, kind: str, filename: str) -> str:
+    """An HTML link that downloads ``data`` as ``filename`` (a data URL of type ``kind``): embedded in the page
+    itself, the same in the book, in Jupyter and on Colab, with no file beside the page."""
+    import base64
+
+    url = f"data:{kind};base64,{base64.b64encode(data.encode()).decode()}"
+    return f'<a href="{url}" download="{filename}">{filename}</a>'

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import time
+from dataclasses import replace
 
 from . import REPOSITORY, plots
 from .cache import HELD, PRECISIONS, READ, profile_traces, trace_for
@@ -69,6 +70,7 @@ class Chapter:
 
         stem = self.name.split("_")
         key = "_".join(stem[:2] if stem[0].startswith("sec") else stem[:1]) + (f"_{part}" if part else "")
+        checks = [replace(c, page=f"{self.name}.html#claims-{key}") for c in checks]
         record(key, checks)
         display(HTML(verdict_line(checks, self.profile.name, anchor=f"claims-{key}")))
         display(table(checks))

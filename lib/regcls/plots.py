@@ -107,6 +107,66 @@ def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], p
     ax.set_xlabel("model size")
 
 
+def figure_numbers(fig) -> list[dict]:
+    """What ``fig`` draws, as rows (panel: its title or number; kind; series: the legend label; x; y): each line's
+    points, each bar (its height, at its tick label), each scatter point, each interval whisker (y = low, y_high =
+    high) and each map's cells (x: column, y: row, value). Photos are left out: they are the images, not numbers."""
+    from matplotlib.category import StrCategoryFormatter
+    from matplotlib.collections import LineCollection, PathCollection
+    from matplotlib.container import BarContainer
+    from matplotlib.image import AxesImage
+
+    rows = []
+    for k, ax in enumerate(a for a in fig.axes if a.get_label() != "<colorbar>"):
+        panel = ax.get_title() or f"panel {k + 1}"
+        named = isinstance(ax.xaxis.get_major_formatter(), (matplotlib.ticker.FixedFormatter, matplotlib.ticker.FuncFormatter,
+                                                            StrCategoryFormatter))   # ticks named: categories
+        ticks = {round(float(t), 6): l.get_text() for t, l in zip(ax.get_xticks(), ax.get_xticklabels()) if named}
+
+        def at(x):   # a category's name where the x position is one of the ticks
+            return ticks.get(round(float(x), 6), float(x))
+
+        for line in ax.get_lines():
+            rows += [{"panel": panel, "kind": "line", "series": line.get_label(), "x": at(x), "y": float(y)}
+                     for x, y in zip(line.get_xdata(), line.get_ydata())]
+        for c in ax.containers:
+            if isinstance(c, BarContainer):
+                rows += [{"panel": panel, "kind": "bar", "series": c.get_label(), "x": at(r.get_x() + r.get_width() / 2),
+                          "y": float(r.get_y() + r.get_height())} for r in c.patches]
+        for coll in ax.collections:
+            if isinstance(coll, PathCollection):
+                rows += [{"panel": panel, "kind": "point", "series": coll.get_label(), "x": at(x), "y": float(y)}
+                         for x, y in coll.get_offsets()]
+            elif isinstance(coll, LineCollection):
+                rows += [{"panel": panel, "kind": "interval", "series": coll.get_label(), "x": at(seg[0][0]),
+                          "y": float(min(seg[0][1], seg[-1][1])), "y_high": float(max(seg[0][1], seg[-1][1]))}
+                         for seg in coll.get_segments() if len(seg)]
+        for im in ax.get_images():
+            a = np.asarray(im.get_array())
+            if isinstance(im, AxesImage) and a.ndim == 2:
+                rows += [{"panel": panel, "kind": "map", "series": ax.get_ylabel(), "x": c, "y": r, "value": float(a[r, c])}
+                         for r in range(a.shape[0]) for c in range(a.shape[1])]
+    return rows
+
+
+def numbers(fig, name: str):
+    """A link under a figure that downloads its numbers (:func:`figure_numbers`) as ``NAME.csv``."""
+    import csv
+    import io
+
+    from IPython.display import HTML
+
+    from .files import data_link
+
+    rows = figure_numbers(fig)
+    text = io.StringIO()
+    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["panel"]
+    csv.DictWriter(text, fieldnames=fields, lineterminator="\n").writeheader()
+    csv.DictWriter(text, fieldnames=fields, lineterminator="\n").writerows(rows)
+    return HTML(f'<p class="regcls-numbers">The numbers of this figure ({len(rows)} rows): '
+                f'{data_link(text.getvalue(), "text/csv", f"{name}.csv")}</p>')
+
+
 def distinct(values, digits: int = 2, most: int = 6) -> list[str]:
     """``values`` as text with ``digits`` decimals, or more (up to ``most``) where values that differ would read the
     same: two images whose shares tie at 0.50 read 0.501 and 0.505."""
