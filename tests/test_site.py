@@ -301,3 +301,11 @@ def test_a_figures_numbers_are_what_it_draws():
     data = base64.b64decode(html.split("base64,")[1].split('"')[0]).decode()
     assert len(list(csv.DictReader(io.StringIO(data)))) == len(rows) and 'download="fig-x.csv"' in html
     plt.close(fig)
+
+
+def test_a_folded_table_opens_on_a_click():
+    from regcls import plots
+
+    html = plots.folded(plots.interval_table([{"model": "S", "CKA": 0.5, "95% CI": "[0.4, 0.6]"}]), "Every choice (1 row)").data
+    assert html.startswith('<details class="regcls-folded"><summary>Every choice (1 row)</summary>')
+    assert "0.500 [0.4, 0.6]" in html and html.endswith("</details>")

@@ -86,6 +86,17 @@ def interval_table(rows: list[dict]):
     return df.style.format(precision=3).hide(axis="index")
 
 
+def folded(table, summary: str):
+    """A table folded away under a one-line ``summary`` the reader opens (a sensitivity grid, say): an HTML
+    ``<details>``, the same in the book, in Jupyter and on Colab."""
+    import html
+
+    from IPython.display import HTML
+
+    inner = table.to_html() if hasattr(table, "to_html") else str(table)
+    return HTML(f'<details class="regcls-folded"><summary>{html.escape(summary)}</summary>{inner}</details>')
+
+
 def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], parts: tuple[str, ...],
                   xlabels: dict[str, str] | None = None, colors: dict[str, str] | None = None,
                   label: str = "{} only") -> None:
