@@ -218,7 +218,7 @@ def _bytes_per_image(trace: dict) -> float:
 
 class CachedTrace(Trace):
     """A trace read from the cache whose arrays are read from its file the first time each is used: a chapter holds
-    only the arrays it uses (of a ViT-g trace of 10,000 ImageNet images, 5.3 GiB in all, the knockout reads 0.5).
+    only the arrays it uses (of a ViT-g trace of 10,000 ImageNet images, 5.3 GiB in all, the knockout reads under 0.5).
     ``image_ids``, ``labels`` and ``meta`` are read at once; ``shapes`` has every array's shape."""
 
     def __init__(self, path: Path, small: dict, shapes: dict[str, tuple[int, ...]]):
