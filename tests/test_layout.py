@@ -68,3 +68,14 @@ def test_the_repository_says_its_license_and_how_to_cite_it():
     assert {"cff-version", "message", "title", "authors", "license"} <= set(cff) and cff["license"] == "MIT"
     assert cff["preferred-citation"]["year"] == 2025 and "2505.05892" in cff["preferred-citation"]["url"]
     assert "CITATION.cff" in (root / "book" / "intro.md").read_text()
+
+
+def test_every_cited_work_links_to_itself():
+    """The bibliography gives each work a link a reader can follow (arXiv, a DOI, the journal's page)."""
+    import re
+
+    bib = (LIB.parents[1] / "book" / "references.bib").read_text()
+    entries = re.findall(r"^@\w+\{([^,]+),(.*?)^\}", bib, flags=re.M | re.S)
+    assert len(entries) >= 17
+    missing = [key for key, body in entries if not re.search(r"^\s*(url|doi)\s*=\s*\{(https://|10\.)", body, flags=re.M)]
+    assert missing == []
