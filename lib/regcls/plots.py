@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
+from .files import data_link
 from .profiles import ORDER
 
 # Light to dark blue by size; the lightest still at 3:1 contrast on white (a graphical object's minimum, WCAG 2.1)
@@ -166,8 +167,6 @@ def numbers(fig, name: str):
     import io
 
     from IPython.display import HTML
-
-    from .files import data_link
 
     rows = figure_numbers(fig)
     text = io.StringIO()
