@@ -257,7 +257,8 @@ def test_values_that_differ_read_differently():
 
     assert distinct([0.5012, 0.5047, 0.93]) == ["0.501", "0.505", "0.930"]
     assert distinct([0.25, 0.75]) == ["0.25", "0.75"] and distinct([0.5, 0.5]) == ["0.50", "0.50"]
-    assert distinct([1 / 3, 1 / 3 + 1e-9]) == ["0.333333", "0.333333"]   # no further than six decimals
+    assert distinct([1 / 3, 1 / 3 + 1e-9]) == ["0.333333", "0.333333"]   # no further than six digits
+    assert distinct([5.1e-18, 7.2e-21, 0.0]) == ["5.1e-18", "7.2e-21", "0"]   # a planted control's tiny shares
 
 
 def test_an_estimate_and_its_interval_share_one_cell():

@@ -185,16 +185,17 @@ VERDICT_COLOURS = {"yes": "#e3f1e6", "no": "#fbe3e1", "not testable": "#eeeeee",
 
 
 def table(checks: list[ClaimCheck], notes: list[str] | None = None, notes_title: str = "note", links: bool = False):
-    """A page table: claim, paper, this run, profile, verdict (its cell coloured by it); ``notes`` (one per row) in a
+    """A page table: section, verdict (its cell coloured by it, beside the claim, where a wide table does not hide
+    it), claim, paper, this run, rule, profile; ``notes`` (one per row) in a
     column of their own; ``links``: each section links to where its chapter shows the row (the claims page)."""
     import pandas as pd
 
     def section(c):
         return f'<a href="{html.escape(c.page)}">{html.escape(c.section)}</a>' if links and c.page else html.escape(c.section)
 
-    df = pd.DataFrame([{"section": section(c), "claim": c.claim, "paper": c.paper, "this run": c.ours,
-                        "rule (agrees if)": c.rule or "-", "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
-                        "agrees": verdict(c) + (" (stale: other code, rerun the chapter)" if c.stale else ""),
+    df = pd.DataFrame([{"section": section(c), "agrees": verdict(c) + (" (stale: other code, rerun the chapter)" if c.stale else ""),
+                        "claim": c.claim, "paper": c.paper, "this run": c.ours, "rule (agrees if)": c.rule or "-",
+                        "profile": c.profile + (f" (capped at {c.images_cap} images)" if c.images_cap else ""),
                         **({notes_title: notes[i]} if notes is not None else {})} for i, c in enumerate(checks)])
     colour = [f"background-color: {VERDICT_COLOURS[verdict(c)]}" for c in checks]
     return df.style.hide(axis="index").apply(lambda _: colour, subset=["agrees"]) if checks else df.style.hide(axis="index")

@@ -179,11 +179,17 @@ def numbers(fig, name: str):
 
 def distinct(values, digits: int = 2, most: int = 6) -> list[str]:
     """``values`` as text with ``digits`` decimals, or more (up to ``most``) where values that differ would read the
-    same: two images whose shares tie at 0.50 read 0.501 and 0.505."""
+    same: two images whose shares tie at 0.50 read 0.501 and 0.505; values too small for that read in significant
+    digits (5.1e-18)."""
     values = [float(v) for v in values]
+    distinct_values = len(set(values))
     for d in range(digits, most + 1):
         text = [f"{v:.{d}f}" for v in values]
-        if len(set(text)) == len(set(values)):
+        if len(set(text)) == distinct_values and all(float(t) != 0 or v == 0 for t, v in zip(text, values)):
+            return text
+    for d in range(digits, most + 1):
+        text = [f"{v:.{d}g}" for v in values]
+        if len(set(text)) == distinct_values:
             return text
     return text
 
