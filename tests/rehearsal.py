@@ -406,9 +406,12 @@ def chapter_rows(profile, cache: Path) -> list[dict]:
             full = _full_images(profile, t["dataset"], t["img_size"])
             pflop += full * flops_per_image(model) / 1e15
             more[-1] = max(0, full - (t.get("images") or 0)) / 2**30   # GiB per byte per image
-        held_gb = max((sum(more[i] * per_image for i, per_image in held) for held in rec["held"]), default=0.0)
+        sums = [sum(more[i] * per_image for i, per_image in held) for held in rec["held"]]
+        top = max(range(len(sums)), key=sums.__getitem__, default=None)   # the snapshot that holds the most
+        held_gb = sums[top] if top is not None else 0.0
         rows.append({"chapter": rec["chapter"], "traces": len(rec["traces"]),
-                     "held_at_once": max(map(len, rec["held"]), default=0), "seconds": rec["seconds"],
+                     "held_at_once": len({i for i, _ in rec["held"][top]}) if top is not None else 0,
+                     "seconds": rec["seconds"],
                      "peak_rss_gb": rec["peak_rss_gb"], "full_run_gb": (rec["peak_rss_gb"] or 0) + held_gb, "pflop": pflop,
                      "h100_min": pflop * 1e3 / (GPU_TFLOPS * GPU_MFU) / 60,
                      **{f"t4_{m}_min": pflop * 1e3 / tf / 60 for m, tf in T4.items()}})

@@ -326,15 +326,20 @@ def test_a_chapter_records_which_traces_it_held_at_once(monkeypatch, smoke, tmp_
     from regcls import cache, page
 
     monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
-    for name, value in (("READ", {}), ("HELD", []), ("_ALIVE", [])):
+    for name, value in (("READ", {}), ("HELD", []), ("_ALIVE", []), ("KEPT", [])):
         monkeypatch.setattr(cache, name, value)
     monkeypatch.setattr(page, "READ", cache.READ)
     monkeypatch.setattr(page, "HELD", cache.HELD)
     S, B = smoke.model("S", True), smoke.model("B", True)
     kept = cache.profile_traces(smoke, True, img_size=28, progress=False, specs=[S, B],
-                                keep=lambda t: float(t["cls_layers"].sum()))
+                                keep=lambda t: {"first block": t["cls_layers"][:, 0].copy(), "sum": float(t["cls_layers"].sum())})
+    # what keep returned is held to the end (4 bytes per dimension per image); the traces, one at a time
+    assert [b for _, b in cache.KEPT] == [4 * kept[S.size]["first block"].shape[1], 4 * kept[B.size]["first block"].shape[1]]
+    assert all(len([e for e in now if e not in cache.KEPT]) <= 1 for now in cache.HELD)
     rec = page.record_run("one_at_a_time", smoke, 1.0)
-    assert max(map(len, rec["held"])) == 1 and {i for h in rec["held"] for i, _ in h} == {0, 1}
+    assert {i for h in rec["held"] for i, _ in h} == {0, 1}
+    kept = {k: v["sum"] for k, v in kept.items()}
+    cache.KEPT.clear()
     a = cache.trace_for(smoke, S, img_size=28, progress=False)
     b = cache.trace_for(smoke, B, img_size=28, progress=False)
     full = load_trace(a.path)

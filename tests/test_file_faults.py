@@ -171,6 +171,35 @@ def test_a_damaged_trace_is_set_aside_warned_once_and_recomputed(tmp_path, entry
         np.testing.assert_array_equal(again[k], ref[k])
 
 
+def test_an_array_damaged_past_its_header_is_set_aside_when_read(tmp_path, monkeypatch):
+    """The cache reads an entry's arrays when a chapter first uses them (regcls.cache.CachedTrace), so a member whose
+    bytes are damaged past its header passes the check at the read and fails its CRC when used: one line, the
+    entry set aside, and the next read computes it again."""
+    import struct
+    import zipfile
+
+    from regcls import cache
+    from regcls.errors import RegclsError
+    monkeypatch.setenv("REGCLS_CACHE", str(tmp_path))
+
+    def get():   # enough images that the array outgrows what the header check reads
+        return cache.get_trace(SMOKE.model("S", True), "samples", img_size=28, limit=64, progress=False)
+    want = np.array(get()["cls_layers"])
+    (path,) = (tmp_path / "traces").glob("*.npz")
+    info = zipfile.ZipFile(path).getinfo("cls_layers.npy")
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    end = info.header_offset + 30 + name_len + extra_len + info.file_size
+    assert info.file_size > 16384
+    data[end - 16: end - 8] = bytes(8)
+    path.write_bytes(bytes(data))
+    got = get()                                        # the headers are intact: the entry is read
+    with pytest.raises(RegclsError, match=r"is damaged \(cls_layers: .*\); it was set aside: run again to recompute it"):
+        got["cls_layers"]
+    assert (path.parent / (path.name + ".bad")).is_file() and not path.exists()
+    np.testing.assert_array_equal(get()["cls_layers"], want)
+
+
 def test_a_trace_of_another_key_or_shape_is_not_read(tmp_path, entry):
     from regcls.tracefile import load_trace, save_trace
     get, ref = entry

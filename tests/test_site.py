@@ -272,8 +272,8 @@ def test_an_estimate_and_its_interval_share_one_cell():
 
 
 def test_a_figures_numbers_are_what_it_draws():
-    """Bars at their tick labels, whiskers as intervals, lines, points and map cells; a photo left out; the link
-    downloads them as CSV."""
+    """Grouped bars at their categories with their whiskers, stacked bars by their own height, lines (against
+    categories too), points and map cells; a photo left out; the link downloads them as CSV."""
     import base64
     import csv
     import io
@@ -284,20 +284,28 @@ def test_a_figures_numbers_are_what_it_draws():
     import numpy as np
     from regcls import plots
 
-    fig, (a, b, c) = plt.subplots(1, 3)
-    plots.interval_bars(a, {"S": {"patch": (0.9, 0.8, 1.0)}, "g": {"patch": (0.2, 0.1, 0.3)}}, ("patch",))
+    fig, (a, b, c, d) = plt.subplots(1, 4)
+    plots.interval_bars(a, {"S": {"patch": (0.9, 0.8, 1.0), "reg": (0.5, 0.4, 0.6)},
+                            "g": {"patch": (0.2, 0.1, 0.3), "reg": (0.7, 0.6, 0.8)}}, ("patch", "reg"))
     a.set_title("knockout")
     b.plot([1, 2], [3, 4], label="S")
     b.scatter([5], [6], label="images")
     c.imshow(np.zeros((2, 2, 3)))
     c.imshow(np.arange(6.0).reshape(2, 3))
+    d.bar(["S", "g"], [0.2, 0.3], label="cls")
+    d.bar(["S", "g"], [0.5, 0.6], bottom=[0.2, 0.3], label="reg")
+    d.plot(["S", "g"], [1.0, 1.0], label="total")
     rows = plots.figure_numbers(fig)
-    bars = [(r["x"], r["y"]) for r in rows if r["kind"] == "bar"]
-    assert bars == [("S", 0.9), ("g", 0.2)] and all(r["panel"] == "knockout" for r in rows[:4])
-    assert [(r["x"], r["y"], r["y_high"]) for r in rows if r["kind"] == "interval"] == [("S", 0.8, 1.0), ("g", 0.1, 0.3)]
-    assert [(r["x"], r["y"]) for r in rows if r["kind"] == "line"] == [(1.0, 3.0), (2.0, 4.0)]
+    bars = [(r["series"], r["x"], r["y"]) for r in rows if r["kind"] == "bar" and r["panel"] == "knockout"]
+    assert bars == [("patches only", "S", 0.9), ("patches only", "g", 0.2), ("registers only", "S", 0.5), ("registers only", "g", 0.7)]
+    assert [(r["series"], r["x"], r["y"], r["y_high"]) for r in rows if r["kind"] == "segment"][:2] == \
+        [("patches only, 95% interval", "S", 0.8, 1.0), ("patches only, 95% interval", "g", 0.1, 0.3)]
+    assert [(r["x"], r["y"]) for r in rows if r["kind"] == "line" and r["series"] == "S"] == [(1.0, 3.0), (2.0, 4.0)]
     assert [(r["x"], r["y"], r["series"]) for r in rows if r["kind"] == "point"] == [(5.0, 6.0, "images")]
     assert [r["value"] for r in rows if r["kind"] == "map"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]   # the photo: no rows
+    stacked = [(r["series"], r["x"], round(r["y"], 6)) for r in rows if r["kind"] == "bar" and r["panel"] == "panel 4"]
+    assert stacked == [("cls", "S", 0.2), ("cls", "g", 0.3), ("reg", "S", 0.5), ("reg", "g", 0.6)]
+    assert [(r["x"], r["y"]) for r in rows if r["series"] == "total"] == [("S", 1.0), ("g", 1.0)]
     html = plots.numbers(fig, "fig-x").data
     data = base64.b64decode(html.split("base64,")[1].split('"')[0]).decode()
     assert len(list(csv.DictReader(io.StringIO(data)))) == len(rows) and 'download="fig-x.csv"' in html

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 import weakref
 import zipfile
 from dataclasses import replace
@@ -200,13 +201,17 @@ READ: dict[str, dict] = {}
 # chapter holds at most on the full run (tests/rehearsal.py).
 _ALIVE: list[tuple[str, weakref.ref]] = []
 HELD: list[list[tuple[str, float]]] = []
+# What ``keep`` (profile_traces) returned of each trace, (READ key, bytes per image): counted as held to the end of
+# the chapter (a chapter keeps such summaries; they cannot be followed by weak reference).
+KEPT: list[tuple[str, float]] = []
 
 
 def held_now() -> list[tuple[str, float]]:
-    """(READ key, bytes per image held) of every trace read so far that is still alive, in the order read."""
+    """(READ key, bytes per image held) of every trace read so far that is still alive, in the order read, and of
+    what was kept of the traces read through ``keep``."""
     alive = [(k, r, r()) for k, r in _ALIVE]
     _ALIVE[:] = [(k, r) for k, r, t in alive if t is not None]
-    return [(k, _bytes_per_image(t)) for k, _, t in alive if t is not None]
+    return [(k, _bytes_per_image(t)) for k, _, t in alive if t is not None] + KEPT
 
 
 def _bytes_per_image(trace: dict) -> float:
@@ -214,6 +219,26 @@ def _bytes_per_image(trace: dict) -> float:
     n = len(dict.get(trace, "image_ids", ())) or 1
     return sum(a.nbytes for k, a in dict.items(trace) if isinstance(a, np.ndarray) and k not in DERIVED
                and a.ndim and a.shape[0] == n) / n
+
+
+def _kept_bytes(obj, n: int) -> float:
+    """Bytes of the per-image arrays (first dimension ``n``) in ``obj`` and the dicts, lists and tuples inside it."""
+    if isinstance(obj, np.ndarray):
+        return float(obj.nbytes) if obj.ndim and obj.shape[0] == n and obj.base is None else 0.0
+    if isinstance(obj, dict):
+        obj = obj.values()
+    return sum(_kept_bytes(v, n) for v in obj) if isinstance(obj, (list, tuple, type({}.values()))) else 0.0
+
+
+def _keep(keep, trace: dict):
+    """``keep(trace)``, noted in :data:`KEPT` with its bytes per image."""
+    out = keep(trace)
+    n = len(dict.get(trace, "image_ids", ())) or 1
+    key = next((k for k, r in reversed(_ALIVE) if r() is trace), None)
+    if key is not None:
+        KEPT.append((key, _kept_bytes(out, n) / n))
+        HELD.append(held_now())
+    return out
 
 
 class CachedTrace(Trace):
@@ -234,8 +259,12 @@ class CachedTrace(Trace):
         try:
             with open(self.path, "rb") as f, np.load(f, allow_pickle=False) as z:
                 value = z[key]
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise RegclsError(f"trace {self.path} can no longer be read ({key}: {e}); delete it and run again") from None
+        except (OSError, ValueError, zipfile.BadZipFile) as e:   # damaged since it was checked (a bad CRC, say)
+            with warnings.catch_warnings():   # set_aside's warning would say it is computed again: not here
+                warnings.simplefilter("ignore")
+                set_aside(self.path, e)
+            raise RegclsError(f"trace {self.path} is damaged ({key}: {e}); it was set aside: run again to "
+                              "recompute it") from None
         self[key] = value
         if key == "prefix_penult":
             derive(self)
@@ -326,9 +355,13 @@ def profile_traces(profile: Profile, registers: bool, dataset: str | None = None
     returns instead of each trace, every trace let go before the next is read: a full run's traces can take more
     memory together than the machine has (a ViT-g trace of 10,000 ImageNet images holds 5 GiB)."""
     models = profile.models_with(registers) if specs is None else list(specs)
-    keep = keep or (lambda trace: trace)
+    out = {}
     with model_reuse():
-        return {m.size: keep(trace_for(profile, m, dataset, img_size, progress, crop_pct)) for m in models}
+        for m in models:
+            trace = trace_for(profile, m, dataset, img_size, progress, crop_pct)
+            out[m.size] = _keep(keep, trace) if keep else trace
+            del trace   # with keep: let it go before the next is read
+    return out
 
 
 class Job(NamedTuple):

@@ -114,15 +114,17 @@ def interval_bars(ax, stats: dict[str, dict[str, tuple[float, float, float]]], p
         ax.bar(x, v[:, 0], width=width, color=(colors or PART_COLORS).get(part, "#444"),
                label=label.format(PART_NAMES.get(part, part)))
         ok = np.isfinite(v[:, 1:]).all(axis=1)  # the interval as drawn: a percentile interval need not hold
-        ax.vlines(x[ok], v[ok, 1], v[ok, 2], color="k", lw=1)  # the estimate (few images), so no error bars
+        ax.vlines(x[ok], v[ok, 1], v[ok, 2], color="k", lw=1,   # the estimate (few images), so no error bars
+                  label="_" + label.format(PART_NAMES.get(part, part)) + ", 95% interval")   # (not in the legend)
     ax.set_xticks(range(len(sizes)), [(xlabels or {}).get(s, s) for s in sizes])
     ax.set_xlabel("model size")
 
 
 def figure_numbers(fig) -> list[dict]:
     """What ``fig`` draws, as rows (panel: its title or number; kind; series: the legend label; x; y): each line's
-    points, each bar (its height, at its tick label), each scatter point, each interval whisker (y = low, y_high =
-    high) and each map's cells (x: column, y: row, value). Photos are left out: they are the images, not numbers."""
+    points, each bar (its height, at its category), each scatter point, each segment (whiskers, means: y = low,
+    y_high = high) and each map's cells (x: column, y: row, value). Photos are left out: they are the images, not
+    numbers. Positions within half a step of a named tick (grouped bars, jittered points) take the tick's name."""
     from matplotlib.category import StrCategoryFormatter
     from matplotlib.collections import LineCollection, PathCollection
     from matplotlib.container import BarContainer
@@ -133,26 +135,31 @@ def figure_numbers(fig) -> list[dict]:
         panel = ax.get_title() or f"panel {k + 1}"
         named = isinstance(ax.xaxis.get_major_formatter(), (matplotlib.ticker.FixedFormatter, matplotlib.ticker.FuncFormatter,
                                                             StrCategoryFormatter))   # ticks named: categories
-        ticks = {round(float(t), 6): l.get_text() for t, l in zip(ax.get_xticks(), ax.get_xticklabels()) if named}
+        ticks = [(float(t), l.get_text()) for t, l in zip(ax.get_xticks(), ax.get_xticklabels()) if named and l.get_text()]
 
-        def at(x):   # a category's name where the x position is one of the ticks
-            return ticks.get(round(float(x), 6), float(x))
+        def at(x):   # a category's name where x lies within half a step of its tick
+            near = min(ticks, key=lambda t: abs(t[0] - float(x)), default=None)
+            return near[1] if near and abs(near[0] - float(x)) < 0.5 else float(x)
+
+        def series(artist):
+            label = artist.get_label()
+            return "" if label.startswith("_child") else label.lstrip("_")
 
         for line in ax.get_lines():
-            rows += [{"panel": panel, "kind": "line", "series": line.get_label(), "x": at(x), "y": float(y)}
-                     for x, y in zip(line.get_xdata(), line.get_ydata())]
+            rows += [{"panel": panel, "kind": "line", "series": series(line), "x": at(x), "y": float(y)}
+                     for x, y in line.get_xydata()]
         for c in ax.containers:
             if isinstance(c, BarContainer):
-                rows += [{"panel": panel, "kind": "bar", "series": c.get_label(), "x": at(r.get_x() + r.get_width() / 2),
-                          "y": float(r.get_y() + r.get_height())} for r in c.patches]
+                rows += [{"panel": panel, "kind": "bar", "series": series(c), "x": at(r.get_x() + r.get_width() / 2),
+                          "y": float(r.get_height())} for r in c.patches]
         for coll in ax.collections:
             if isinstance(coll, PathCollection):
-                rows += [{"panel": panel, "kind": "point", "series": coll.get_label(), "x": at(x), "y": float(y)}
+                rows += [{"panel": panel, "kind": "point", "series": series(coll), "x": at(x), "y": float(y)}
                          for x, y in coll.get_offsets()]
             elif isinstance(coll, LineCollection):
-                rows += [{"panel": panel, "kind": "interval", "series": coll.get_label(), "x": at(seg[0][0]),
-                          "y": float(min(seg[0][1], seg[-1][1])), "y_high": float(max(seg[0][1], seg[-1][1]))}
-                         for seg in coll.get_segments() if len(seg)]
+                rows += [{"panel": panel, "kind": "segment", "series": series(coll),
+                          "x": at((seg[0][0] + seg[-1][0]) / 2), "y": float(min(seg[0][1], seg[-1][1])),
+                          "y_high": float(max(seg[0][1], seg[-1][1]))} for seg in coll.get_segments() if len(seg)]
         for im in ax.get_images():
             a = np.asarray(im.get_array())
             if isinstance(im, AxesImage) and a.ndim == 2:
@@ -197,8 +204,8 @@ def distinct(values, digits: int = 2, most: int = 6) -> list[str]:
 def legend_beside(ax, **kwargs):
     """The axes' legend outside them, to the right, where it covers no bar or point (``plt.tight_layout`` makes room
     for it). Returns the legend."""
-    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
-                     **{"fontsize": 9, **kwargs})
+    return ax.legend(**{"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0, "frameon": False,
+                        "fontsize": 9, **kwargs})
 
 
 def map_grid(images: list[np.ndarray], rows: dict[str, np.ndarray], titles: list[str] | None = None,
