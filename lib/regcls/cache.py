@@ -282,14 +282,13 @@ def read_cached(path: Path, key: str | None = None) -> CachedTrace:
     """The trace in ``path`` as a :class:`CachedTrace`, checked as :func:`regcls.tracefile.check_trace` checks a
     trace (every array of the schema, one row per image, the cache key) from the arrays' headers alone."""
     path = Path(path)
-    with zipfile.ZipFile(path) as z:
-        shapes = {}
-        for name in z.namelist():
-            with z.open(name) as f:
-                major, _ = np.lib.format.read_magic(f)
+    shapes = {}
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:   # one opening: headers and the small arrays
+        for name in z.zip.namelist():
+            with z.zip.open(name) as m:
+                major, _ = np.lib.format.read_magic(m)
                 header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shapes[name.removesuffix(".npy")] = header(f)[0]
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
+                shapes[name.removesuffix(".npy")] = header(m)[0]
         small = {k: z[k] for k in ("image_ids", "labels", "meta_json") if k in shapes}
     small["meta"] = json.loads(str(small.pop("meta_json")))
     if small["meta"].get("trace_schema") != TRACE_SCHEMA:

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .env import image_cap, records_dir
-from .files import LIB_ROOT, atomic_write_text, data_link, library_digest
+from .files import LIB_ROOT, atomic_write_text, csv_text, data_link, library_digest
 from .profiles import Profile
 
 
@@ -212,16 +212,10 @@ def provenance(checks: list[ClaimCheck]) -> str:
 def downloads(checks: list[ClaimCheck], profile: str) -> str:
     """Links that download these rows as CSV and as JSON (every field, the verdict among them), embedded in the
     page itself (data URLs): the same in the book, in Jupyter and on Colab, with no file beside the page."""
-    import csv
-    import io
-
     rows = [{**asdict(c), "verdict": verdict(c)} for c in checks]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["verdict"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
+    text = csv_text(rows, list(rows[0]) if rows else ["verdict"])
     return (f'<p class="regcls-downloads">Download the {len(rows)} rows: '
-            f'{data_link(text.getvalue(), "text/csv", f"claims-{profile}.csv")} &middot; '
+            f'{data_link(text, "text/csv", f"claims-{profile}.csv")} &middot; '
             f'{data_link(json.dumps(rows, indent=1), "application/json", f"claims-{profile}.json")}</p>')
 
 

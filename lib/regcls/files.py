@@ -186,3 +186,15 @@ def data_link(data: str, kind: str, filename: str) -> str:
 
     url = f"data:{kind};base64,{base64.b64encode(data.encode()).decode()}"
     return f'<a href="{url}" download="{filename}">{filename}</a>'
+
+
+def csv_text(rows: list[dict], fields: list[str]) -> str:
+    """``rows`` as CSV text with a header of ``fields`` (a file to download: :func:`data_link`)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()

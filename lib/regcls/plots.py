@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
-from .files import data_link
+from .files import csv_text, data_link
 from .profiles import ORDER
 
 # Light to dark blue by size; the lightest still at 3:1 contrast on white (a graphical object's minimum, WCAG 2.1)
@@ -170,18 +170,12 @@ def figure_numbers(fig) -> list[dict]:
 
 def numbers(fig, name: str):
     """A link under a figure that downloads its numbers (:func:`figure_numbers`) as ``NAME.csv``."""
-    import csv
-    import io
-
     from IPython.display import HTML
 
     rows = figure_numbers(fig)
-    text = io.StringIO()
-    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["panel"]
-    csv.DictWriter(text, fieldnames=fields, lineterminator="\n").writeheader()
-    csv.DictWriter(text, fieldnames=fields, lineterminator="\n").writerows(rows)
+    text = csv_text(rows, list(dict.fromkeys(k for r in rows for k in r)) or ["panel"])
     return HTML(f'<p class="regcls-numbers">The numbers of this figure ({len(rows)} rows): '
-                f'{data_link(text.getvalue(), "text/csv", f"{name}.csv")}</p>')
+                f'{data_link(text, "text/csv", f"{name}.csv")}</p>')
 
 
 def distinct(values, digits: int = 2, most: int = 6) -> list[str]:
